@@ -1,0 +1,109 @@
+"""Method specifications: what a method takes, used by validation, `methods` and the card."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+ParamType = Literal["float", "int", "bool", "str"]
+Scope = Literal["model", "global"]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter: `scope="model"` is set per input model (weight, density)."""
+
+    name: str
+    type: ParamType
+    scope: Scope
+    description: str
+    default: Any = None
+    required: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    choices: tuple[str, ...] = ()
+
+    def allowed(self) -> str:
+        """What values are allowed, in words."""
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.type == "bool":
+            return "true or false"
+        low = "" if self.minimum is None else f"{self.minimum}"
+        high = "" if self.maximum is None else f"{self.maximum}"
+        kind = "an integer" if self.type == "int" else "a number"
+        if low and high:
+            left = "(" if self.exclusive_minimum else "["
+            return f"{kind} in {left}{low}, {high}]"
+        if low:
+            return f"{kind} {'>' if self.exclusive_minimum else '>='} {low}"
+        if high:
+            return f"{kind} <= {high}"
+        return kind
+
+    def check(self, value: Any) -> str | None:
+        """None when `value` is allowed, else what is wrong."""
+        if self.type == "bool":
+            return None if isinstance(value, bool) else f"expected true or false, found {value!r}"
+        if self.type == "str":
+            if not isinstance(value, str) or (self.choices and value not in self.choices):
+                return f"expected {self.allowed()}, found {value!r}"
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"expected {self.allowed()}, found {value!r}"
+        if self.type == "int" and not isinstance(value, int):
+            return f"expected {self.allowed()}, found {value!r}"
+        too_low = self.minimum is not None and (
+            value <= self.minimum if self.exclusive_minimum else value < self.minimum
+        )
+        too_high = self.maximum is not None and value > self.maximum
+        return f"{value!r} is out of range; allowed: {self.allowed()}" if too_low or too_high else None
+
+
+@dataclass(frozen=True)
+class MergeArgs:
+    """Everything a method function sees for one output tensor (all tensors float32/64).
+
+    `tensors` are the non-base inputs in recipe order; `per_model` holds their resolved
+    model-scope parameters, `params` the method-wide ones; `name` is the output tensor name
+    and `seed` the run's seed (random methods derive their generator from both).
+    """
+
+    tensors: Sequence[torch.Tensor]
+    base: torch.Tensor | None
+    params: Mapping[str, Any]
+    per_model: Sequence[Mapping[str, Any]]
+    name: str = ""
+    seed: int = 0
+
+
+MethodFn = Callable[[MergeArgs], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered merge method."""
+
+    name: str
+    fn: MethodFn
+    summary: str
+    params: tuple[ParamSpec, ...] = ()
+    needs_base: bool = False
+    min_models: int = 1
+    max_models: int | None = None
+    random: bool = False
+    data: Literal["data-free", "calibration"] = "data-free"
+    paper: str = ""
+    aliases: tuple[str, ...] = field(default=())
+
+    def param(self, name: str) -> ParamSpec | None:
+        """The parameter called `name`, if the method takes it."""
+        return next((p for p in self.params if p.name == name), None)
+
+    def scoped(self, scope: Scope) -> tuple[ParamSpec, ...]:
+        """The parameters of one scope."""
+        return tuple(p for p in self.params if p.scope == scope)

@@ -1,0 +1,251 @@
+"""Checks that need the method registry: names, scopes, types, ranges, required values.
+
+Each check returns `Problem`s (never raises) so that every mistake is reported at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from mergecli import methods
+from mergecli.errors import Problem
+from mergecli.methods.spec import MethodSpec
+from mergecli.recipe.schema import InputModel, InputSlice, ModelRef, OutputSlice, Recipe
+from mergecli.recipe.settings import leaf_values
+from mergecli.suggest import closest
+
+
+def check_recipe(recipe: Recipe) -> list[Problem]:
+    """Every semantic problem in a schema-valid recipe."""
+    spec = methods.get(recipe.merge_method)
+    if spec is None:
+        return [_unknown_method(recipe.merge_method), *_check_unsupported(recipe)]
+    problems = list(_check_unsupported(recipe))
+    problems += _check_parameter_blocks(_parameter_blocks(recipe.model_dump()), spec)
+    problems += _check_inputs(recipe, spec)
+    problems += _check_slices(recipe)
+    return problems
+
+
+def _unknown_method(name: str) -> Problem:
+    match = closest(name, methods.names())
+    hint = f"did you mean `{match}`? " if match else ""
+    return Problem(
+        "merge_method",
+        f"unknown merge method `{name}`",
+        f"{hint}`mergecli methods` lists them: {', '.join(methods.names())}",
+    )
+
+
+def _check_unsupported(recipe: Recipe) -> Iterator[Problem]:
+    if recipe.modules:
+        yield Problem(
+            "modules",
+            "the multi-module form (`modules:`) is not supported yet",
+            "merge each module with its own recipe using `models:` or `slices:`",
+        )
+    if recipe.tokenizer_source == "union" or recipe.tokenizer is not None:
+        where = "tokenizer_source" if recipe.tokenizer is None else "tokenizer"
+        yield Problem(
+            where,
+            "union vocabularies and the `tokenizer:` block are not supported yet",
+            "use `tokenizer_source: base` or a model reference (same vocabulary in all models)",
+        )
+    if recipe.post is not None:
+        yield Problem(
+            "post", "post-steps (`post:`) are not supported yet", "remove the `post:` block"
+        )
+    for where, ref in _model_refs(recipe):
+        if ref.adapter:
+            yield Problem(
+                where,
+                f"LoRA adapters (`{ref}`) are not supported yet",
+                "merge the adapter into its model first (PEFT `merge_and_unload`) and "
+                "reference the merged folder",
+            )
+    for i, out_slice in enumerate(recipe.slices or []):
+        if out_slice.residual_weight is not None:
+            yield Problem(
+                f"slices[{i}].residual_weight",
+                "`residual_weight` is not supported yet",
+                "remove it",
+            )
+
+
+def _model_refs(recipe: Recipe) -> Iterator[tuple[str, ModelRef]]:
+    if recipe.base_model:
+        yield "base_model", recipe.base_model
+    for i, model in enumerate(recipe.models or []):
+        yield f"models[{i}].model", model.model
+    for i, out_slice in enumerate(recipe.slices or []):
+        if out_slice.base_model:
+            yield f"slices[{i}].base_model", out_slice.base_model
+        for j, source in enumerate(out_slice.sources):
+            yield f"slices[{i}].sources[{j}].model", source.model
+
+
+def check_raw(data: Mapping[str, Any]) -> list[Problem]:
+    """Method and parameter-name problems of a recipe that failed schema validation.
+
+    Run on the raw YAML data so that these mistakes are reported together with the schema's.
+    """
+    name = data.get("merge_method")
+    if not isinstance(name, str):
+        return []
+    spec = methods.get(name)
+    if spec is None:
+        return [_unknown_method(name)]
+    return list(_check_parameter_blocks(_parameter_blocks(data), spec))
+
+
+def _dicts(value: Any) -> list[Mapping[str, Any]]:
+    return [x for x in value if isinstance(x, Mapping)] if isinstance(value, list) else []
+
+
+def _parameter_blocks(data: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any], bool]]:
+    """(path, parameters, may hold method-wide parameters) for every block in raw data."""
+
+    def block(owner: Mapping[str, Any]) -> Mapping[str, Any]:
+        params = owner.get("parameters")
+        return params if isinstance(params, Mapping) else {}
+
+    yield "parameters", block(data), True
+    for i, model in enumerate(_dicts(data.get("models"))):
+        yield f"models[{i}].parameters", block(model), False
+    for i, out_slice in enumerate(_dicts(data.get("slices"))):
+        yield f"slices[{i}].parameters", block(out_slice), True
+        for j, source in enumerate(_dicts(out_slice.get("sources"))):
+            yield f"slices[{i}].sources[{j}].parameters", block(source), False
+
+
+def _check_parameter_blocks(
+    blocks: Iterator[tuple[str, Mapping[str, Any], bool]], spec: MethodSpec
+) -> Iterator[Problem]:
+    known = [p.name for p in spec.params]
+    for path, block, global_ok in blocks:
+        for name, setting in block.items():
+            param = spec.param(name)
+            if param is None:
+                match = closest(name, known)
+                takes = ", ".join(f"`{k}`" for k in known) or "no parameters"
+                yield Problem(
+                    f"{path}.{name}",
+                    f"unknown parameter `{name}` for method `{spec.name}`"
+                    + (f"; did you mean `{match}`?" if match else ""),
+                    f"`{spec.name}` takes {takes} (see `mergecli methods {spec.name}`)",
+                )
+                continue
+            if param.scope == "global" and not global_ok:
+                yield Problem(
+                    f"{path}.{name}",
+                    f"`{name}` is a method-wide parameter of `{spec.name}` and has no effect "
+                    "on one model",
+                    "move it to the top-level `parameters:` (or a slice's `parameters:`)",
+                )
+                continue
+            for value in leaf_values(setting):
+                message = param.check(value)
+                if message:
+                    yield Problem(f"{path}.{name}", message, param.description)
+                    break
+
+
+def _inputs(recipe: Recipe) -> list[tuple[str, list[tuple[str, InputModel | InputSlice]]]]:
+    """Per output group (whole model or slice): its path and inputs with their paths."""
+    if recipe.models:
+        return [("models", [(f"models[{i}]", m) for i, m in enumerate(recipe.models)])]
+    return [
+        (f"slices[{i}].sources", [(f"slices[{i}].sources[{j}]", s) for j, s in enumerate(sl.sources)])
+        for i, sl in enumerate(recipe.slices or [])
+    ]
+
+
+def _slice_base(recipe: Recipe, group: int) -> ModelRef | None:
+    if recipe.slices and recipe.slices[group].base_model:
+        return recipe.slices[group].base_model
+    return recipe.base_model
+
+
+def _has_value(name: str, blocks: list[Mapping[str, Any] | None]) -> bool:
+    return any(block is not None and name in block for block in blocks)
+
+
+def _check_inputs(recipe: Recipe, spec: MethodSpec) -> Iterator[Problem]:
+    for g, (group_path, inputs) in enumerate(_inputs(recipe)):
+        base = _slice_base(recipe, g)
+        if spec.needs_base and base is None:
+            yield Problem(
+                "base_model",
+                f"method `{spec.name}` needs a `base_model` (task vectors are taken against it)",
+                "add `base_model: <the model the others were fine-tuned from>`",
+            )
+        others = [(p, m) for p, m in inputs if not (spec.needs_base and m.model == base)]
+        count = len(others)
+        if count < spec.min_models or (spec.max_models is not None and count > spec.max_models):
+            yield Problem(group_path, _count_message(spec, count), _count_hint(spec))
+        slice_params = recipe.slices[g].parameters if recipe.slices else None
+        for path, model in others:
+            for param in spec.scoped("model"):
+                blocks = [model.parameters, slice_params, recipe.parameters]
+                if param.required and not _has_value(param.name, blocks):
+                    yield Problem(
+                        f"{path}.parameters",
+                        f"missing required parameter `{param.name}` for model `{model.model}`",
+                        f"set `{param.name}` under this model's `parameters:` or once in the "
+                        "top-level `parameters:`",
+                    )
+        for param in spec.scoped("global"):
+            if param.required and not _has_value(param.name, [slice_params, recipe.parameters]):
+                yield Problem(
+                    "parameters",
+                    f"missing required parameter `{param.name}` for method `{spec.name}`",
+                    f"add `parameters: {{{param.name}: ...}}` ({param.description})",
+                )
+
+
+def _count_message(spec: MethodSpec, count: int) -> str:
+    what = "models besides the base" if spec.needs_base else "input models"
+    return f"method `{spec.name}` got {count} {what}"
+
+
+def _count_hint(spec: MethodSpec) -> str:
+    if spec.max_models == spec.min_models:
+        need = f"exactly {spec.min_models}"
+    elif spec.max_models is None:
+        need = f"at least {spec.min_models}"
+    else:
+        need = f"{spec.min_models} to {spec.max_models}"
+    if spec.name == "passthrough":
+        return f"it takes {need}; to stack layers of several models use `slices:`"
+    return f"it takes {need}"
+
+
+def _check_slices(recipe: Recipe) -> Iterator[Problem]:
+    for i, out_slice in enumerate(recipe.slices or []):
+        yield from _check_slice(i, out_slice)
+
+
+def _check_slice(i: int, out_slice: OutputSlice) -> Iterator[Problem]:
+    lengths = []
+    for j, source in enumerate(out_slice.sources):
+        start, end = source.layer_range
+        path = f"slices[{i}].sources[{j}].layer_range"
+        if start < 0:
+            yield Problem(path, f"layer_range [{start}, {end}] starts below 0", "layers count from 0")
+        elif end <= start:
+            yield Problem(
+                path,
+                f"layer_range [{start}, {end}] is empty (the end is exclusive)",
+                f"to take layer {start} alone write [{start}, {start + 1}]",
+            )
+        lengths.append((j, end - start, source.layer_range))
+    if lengths and len({n for _, n, _ in lengths}) > 1:
+        j0, n0, r0 = lengths[0]
+        for j, n, rng in lengths[1:]:
+            if n != n0:
+                yield Problem(
+                    f"slices[{i}].sources[{j}].layer_range",
+                    f"covers {n} layers {list(rng)} but sources[{j0}] covers {n0} {list(r0)}",
+                    "all sources of one slice must cover the same number of layers",
+                )
