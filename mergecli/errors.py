@@ -18,6 +18,7 @@ class Problem:
     where: str
     message: str
     hint: str = ""
+    code: int = 2
 
     def render(self) -> str:
         """One human-readable line (two when there is a hint)."""
@@ -38,14 +39,22 @@ class MergecliError(Exception):
 
 
 class RecipeError(MergecliError):
-    """The recipe (or a command-line argument) is invalid; carries every problem found."""
+    """The recipe is invalid or names models that are missing or incompatible.
 
-    exit_code = 2
+    Carries every problem found. The exit code is 2 when any problem is in the recipe
+    itself, else the lowest code among the problems (3 not found, 4 incompatible).
+    """
+
     title = "invalid recipe"
 
     def __init__(self, problems: Sequence[Problem], source: str = "") -> None:
         self.problems = tuple(problems)
         self.source = source
+        codes = {p.code for p in self.problems} or {2}
+        self.exit_code = 2 if 2 in codes else min(codes)
+        self.title = {2: "invalid recipe", 3: "not found", 4: "incompatible models"}.get(
+            self.exit_code, "invalid recipe"
+        )
         count = len(self.problems)
         where = f" in {source}" if source else ""
         super().__init__(f"{count} problem{'s' if count != 1 else ''}{where}")
@@ -63,17 +72,6 @@ class NotFoundError(MergecliError):
 
     exit_code = 3
     title = "not found"
-
-
-class IncompatibleModelsError(MergecliError):
-    """Inputs disagree: architectures, tensor names, shapes or vocabularies."""
-
-    exit_code = 4
-    title = "incompatible models"
-
-    def __init__(self, problems: Sequence[Problem]) -> None:
-        self.problems = tuple(problems)
-        super().__init__(f"{len(self.problems)} incompatibilit{'ies' if len(problems) != 1 else 'y'}")
 
 
 class CorruptFileError(MergecliError):

@@ -1,0 +1,51 @@
+"""The `mergecli` Typer application."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from mergecli import __version__
+from mergecli.cli import recipes_cmd
+from mergecli.cli._errors import State
+from mergecli.cli.methods_cmd import methods_cmd
+from mergecli.cli.plan_cmd import plan
+from mergecli.cli.run import run
+from mergecli.cli.validate import validate
+
+app = typer.Typer(
+    name="mergecli",
+    help="Merge neural-network checkpoints from a declarative YAML recipe.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"mergecli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks for errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    State.verbose = verbose
+
+
+app.command("run")(run)
+app.command("validate")(validate)
+app.command("plan")(plan)
+app.command("methods")(methods_cmd)
+app.add_typer(recipes_cmd.app, name="recipes")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,18 @@
+"""Option and argument types shared by the commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes on stderr.")]
+ShardSizeOpt = Annotated[
+    str, typer.Option("--shard-size", help="Largest output shard, with units: 5GB, 500MB, 2GiB.")
+]
+SeedOpt = Annotated[
+    int | None, typer.Option("--seed", min=0, help="Seed for random methods (overrides the recipe's).")
+]

@@ -1,0 +1,92 @@
+"""`mergecli plan`: what would be computed, without reading weights."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from mergecli.cli._common import plan_recipe
+from mergecli.cli._errors import handle_errors
+from mergecli.cli._options import JsonOpt, RecipeArg, SeedOpt, ShardSizeOpt
+from mergecli.io.dtypes import CODE_TO_NAME
+from mergecli.plan import MergePlan, TensorPlan
+from mergecli.units import format_size
+
+T_NOTE = (
+    "gradients: layer tensors get t = i/(L-1) within their slice; tensors before the layers "
+    "(embeddings) get t = 0 and tensors after them (final norm, head) t = 1, as in mergekit"
+)
+
+
+def plan_to_dict(plan: MergePlan) -> dict[str, Any]:
+    """The plan as JSON-ready data."""
+    return {
+        "method": plan.method.name,
+        "models": [
+            {"ref": str(r), "commit": m.source.commit, "bytes": m.total_bytes}
+            for r, m in zip(plan.refs, plan.models)
+        ],
+        "bytes_to_read": plan.read_bytes,
+        "bytes_to_write": plan.total_bytes,
+        "predicted_peak_tensor_bytes": plan.peak_tensor_bytes(),
+        "shards": list(plan.shard_names),
+        "seed": plan.seed,
+        "notes": [*plan.notes, T_NOTE],
+        "tensors": [_tensor(plan, t) for t in plan.tensors],
+    }
+
+
+def _tensor(plan: MergePlan, tensor: TensorPlan) -> dict[str, Any]:
+    return {
+        "name": tensor.name,
+        "shape": list(tensor.shape),
+        "dtype": CODE_TO_NAME[tensor.dtype],
+        "shard": plan.shard_names[tensor.shard],
+        "op": "copy" if tensor.copy else plan.method.name,
+        "layer": tensor.layer,
+        "t": tensor.t,
+        "inputs": [{"model": str(plan.refs[r.model]), "tensor": r.name} for r in tensor.inputs],
+        "base": None if tensor.base is None else {"model": str(plan.refs[tensor.base.model]), "tensor": tensor.base.name},
+        "params": dict(tensor.params),
+        "per_model": [dict(p) for p in tensor.per_model],
+    }
+
+
+@handle_errors
+def plan(recipe: RecipeArg, as_json: JsonOpt = False, shard_size: ShardSizeOpt = "5GB", seed: SeedOpt = None) -> None:
+    """Show every output tensor with its method, inputs and resolved parameters.
+
+    Also shows bytes to read and write, the shards, and predicted peak tensor memory.
+    No weights are read.
+
+    Example:
+
+      mergecli plan recipes/quickstart.yaml --json
+    """
+    merge_plan = plan_recipe(recipe, shard_size, seed)
+    data = plan_to_dict(merge_plan)
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    console = Console(highlight=False)
+    table = Table("tensor", "shape", "dtype", "op", "t", "inputs", "parameters", title=f"plan: {recipe}")
+    for row in data["tensors"]:
+        params = {**row["params"]}
+        if row["per_model"] and any(row["per_model"]):
+            params["per_model"] = row["per_model"]
+        table.add_row(
+            row["name"], "x".join(map(str, row["shape"])), row["dtype"], row["op"], f"{row['t']:.3g}",
+            ", ".join(i["model"] for i in row["inputs"]) + (f" (base {row['base']['model']})" if row["base"] else ""),
+            json.dumps(params) if params else "",
+        )
+    console.print(table)
+    console.print(
+        f"read {format_size(data['bytes_to_read'])}, write {format_size(data['bytes_to_write'])} "
+        f"in {len(data['shards'])} shard(s); predicted peak tensor memory "
+        f"{format_size(data['predicted_peak_tensor_bytes'])}"
+    )
+    for note in data["notes"]:
+        console.print(f"note: {note}")

@@ -1,0 +1,124 @@
+"""`mergecli run`: validate, plan, merge, write, card."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+from mergecli.card import card_license
+from mergecli.cli._common import plan_recipe
+from mergecli.cli._errors import STDERR, handle_errors
+from mergecli.cli._options import JsonOpt, QuietOpt, RecipeArg, SeedOpt, ShardSizeOpt
+from mergecli.errors import UsageError
+from mergecli.execute import RunResult, run_plan
+from mergecli.plan import MergePlan, TensorPlan
+from mergecli.units import format_size
+
+EXAMPLES = """
+Examples:
+
+  mergecli run recipes/quickstart.yaml -o merged/quickstart
+
+  mergecli run my-merge.yaml -o out --shard-size 2GB --overwrite --json
+"""
+
+
+@handle_errors
+def run(
+    recipe: RecipeArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (must not exist or be empty).")],
+    shard_size: ShardSizeOpt = "5GB",
+    seed: SeedOpt = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for the math.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and plan, write nothing.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    progress: Annotated[bool, typer.Option("--progress", help="Show progress even when stderr is not a terminal.")] = False,
+) -> None:
+    """Merge the models of RECIPE into the folder OUT."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    started = time.monotonic()
+    plan = plan_recipe(recipe, shard_size, seed)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"-o {out} is a file", hint="give a folder path")
+    if not quiet:
+        _notes(plan)
+    if dry_run:
+        STDERR.print(f"dry run: {len(plan.tensors)} tensors, {format_size(plan.total_bytes)} would be written to {out}")
+        return
+    text = recipe.read_text(encoding="utf-8")
+    show = not quiet and (progress or sys.stderr.isatty())
+    result = _execute(plan, out, text, overwrite, show)
+    if as_json:
+        print(json.dumps(_summary(result, plan, time.monotonic() - started), indent=2))
+    elif not quiet:
+        STDERR.print(
+            f"merged {result.tensors} tensors ({format_size(result.bytes_written)}) "
+            f"into {out} in {result.seconds:.1f} s"
+        )
+
+
+def _notes(plan: MergePlan) -> None:
+    for note in plan.notes:
+        STDERR.print(f"note: {note}", markup=False)
+    _, warning = card_license(plan)
+    if warning:
+        STDERR.print(f"warning: {warning}", markup=False)
+
+
+def _execute(plan: MergePlan, out: Path, text: str, overwrite: bool, show: bool) -> RunResult:
+    if not show:
+        return run_plan(plan, out, text, overwrite)
+    columns = (
+        TextColumn("merging"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[size]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=STDERR, transient=True) as bar:
+        task = bar.add_task("merge", total=plan.total_bytes, size="")
+        done = [0]
+
+        def advance(tensor: TensorPlan) -> None:
+            done[0] += tensor.nbytes
+            bar.update(task, advance=tensor.nbytes, size=format_size(done[0]))
+
+        return run_plan(plan, out, text, overwrite, advance)
+
+
+def _peak_rss() -> int:
+    try:
+        import resource
+
+        scale = 1 if sys.platform == "darwin" else 1024
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+    except ImportError:  # pragma: no cover - Windows
+        return 0
+
+
+def _summary(result: RunResult, plan: MergePlan, total: float) -> dict[str, object]:
+    return {
+        "status": "ok",
+        "output": os.fspath(result.out),
+        "method": plan.method.name,
+        "tensors": result.tensors,
+        "bytes_written": result.bytes_written,
+        "files": result.files,
+        "timings": {"merge_seconds": round(result.seconds, 3), "total_seconds": round(total, 3)},
+        "peak_rss_bytes": _peak_rss(),
+    }
+
+
+run.__doc__ = (run.__doc__ or "") + EXAMPLES

@@ -1,0 +1,214 @@
+"""Run a plan: stream tensor by tensor, merge, cast, write; write config, tokenizer, card.
+
+Only the inputs of the tensor in flight are in memory. The output is assembled in
+`OUT.partial` and moved into place only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergecli import __version__
+from mergecli.card import render_card
+from mergecli.errors import MergecliError, NumericsError
+from mergecli.io import output
+from mergecli.io.dtypes import CODE_TO_TORCH, math_dtype
+from mergecli.io.reader import TensorReader
+from mergecli.io.source import LocalSource
+from mergecli.io.writer import ShardWriter
+from mergecli.methods.spec import MergeArgs
+from mergecli.plan import MergePlan, TensorPlan
+from mergecli.recipe.schema import ModelRef
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+Progress = Callable[[TensorPlan], None]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a finished run produced."""
+
+    out: Path
+    files: dict[str, str]
+    seconds: float
+    tensors: int
+    bytes_written: int
+
+
+def compute_tensor(plan: MergePlan, tensor: TensorPlan, reader: TensorReader) -> torch.Tensor:
+    """Read the inputs of one output tensor, merge them in float32/64 and cast to its dtype."""
+    out_dtype = CODE_TO_TORCH[tensor.dtype]
+    if tensor.copy:
+        ref = tensor.inputs[0]
+        return reader.read(plan.models[ref.model], ref.name).to(out_dtype)
+    refs = [*tensor.inputs, *([tensor.base] if tensor.base else [])]
+    codes = [plan.models[r.model].tensors[r.name].dtype for r in refs]
+    work = math_dtype(tensor.dtype, codes)
+    loaded = [_load_checked(plan, r.model, r.name, reader, work) for r in refs]
+    base = loaded.pop() if tensor.base else None
+    args = MergeArgs(loaded, base, tensor.params, tensor.per_model, tensor.name, plan.seed)
+    result = plan.method.fn(args)
+    return _cast_checked(result, out_dtype, tensor.name)
+
+
+def _load_checked(plan: MergePlan, model: int, name: str, reader: TensorReader, work: torch.dtype) -> torch.Tensor:
+    tensor = reader.read(plan.models[model], name).to(work)
+    if not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise NumericsError(
+            f"tensor `{name}` of {plan.models[model].label} holds {bad} NaN/Inf values",
+            hint="the input checkpoint is damaged; re-download or re-save it",
+        )
+    return tensor
+
+
+def _cast_checked(result: torch.Tensor, out_dtype: torch.dtype, name: str) -> torch.Tensor:
+    if not torch.isfinite(result).all():
+        raise NumericsError(f"merged tensor `{name}` has NaN/Inf values", hint="check the method's parameters")
+    if out_dtype.is_floating_point and result.numel():
+        limit = torch.finfo(out_dtype).max
+        peak = float(result.abs().max())
+        if peak > limit:
+            raise NumericsError(
+                f"merged tensor `{name}` reaches {peak:.4g}, beyond the {out_dtype} range ({limit:.4g})",
+                hint="use out_dtype: bfloat16 or float32",
+            )
+    return result.to(out_dtype)
+
+
+def run_plan(
+    plan: MergePlan,
+    out: Path,
+    recipe_text: str,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> RunResult:
+    """Execute `plan` into `out` atomically and return what was written."""
+    started = time.monotonic()
+    roots = [m.source.root for m in plan.models if isinstance(m.source, LocalSource)]
+    output.check_output(out, overwrite, roots)
+    work = output.start(out)
+    writer = ShardWriter(work, plan.shard_names, plan.tensors)
+    reader = TensorReader()
+    try:
+        writer.open()
+        for tensor in plan.tensors:
+            writer.write(tensor.name, compute_tensor(plan, tensor, reader))
+            if progress is not None:
+                progress(tensor)
+        writer.close()
+        _write_side_files(plan, work, writer, recipe_text)
+        seconds = time.monotonic() - started
+        files = _hash_files(work)
+        _write_manifest(plan, work, files, seconds)
+        output.finish(work, out)
+    except BaseException:
+        writer.abort()
+        output.discard(work)
+        raise
+    finally:
+        reader.close()
+    return RunResult(out, files, seconds, len(plan.tensors), plan.total_bytes)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _tokenizer_model(plan: MergePlan) -> int:
+    source = plan.recipe.tokenizer_source
+    if isinstance(source, ModelRef):
+        return plan.refs.index(source)
+    return plan.template
+
+
+def _write_side_files(plan: MergePlan, work: Path, writer: ShardWriter, recipe_text: str) -> None:
+    _write_json(work / "model.safetensors.index.json", writer.index())
+    _write_json(work / "config.json", plan.config)
+    template = plan.models[plan.template].source
+    if "generation_config.json" in template.files():
+        shutil.copyfile(template.local("generation_config.json"), work / "generation_config.json")
+    tok_source = plan.models[_tokenizer_model(plan)].source
+    available = set(tok_source.files())
+    for name in TOKENIZER_FILES:
+        if name in available:
+            shutil.copyfile(tok_source.local(name), work / name)
+    if plan.recipe.chat_template:
+        _write_chat_template(work, plan.recipe.chat_template)
+    (work / "mergecli_recipe.yaml").write_text(recipe_text, encoding="utf-8")
+    (work / "README.md").write_text(render_card(plan, recipe_text), encoding="utf-8")
+
+
+def _write_chat_template(work: Path, template: str) -> None:
+    (work / "chat_template.jinja").write_text(template, encoding="utf-8")
+    config_path = work / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
+    config["chat_template"] = template
+    _write_json(config_path, config)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _hash_files(work: Path) -> dict[str, str]:
+    return {
+        p.name: _sha256(p)
+        for p in sorted(work.iterdir())
+        if p.is_file() and p.name != output.MARKER
+    }
+
+
+def _write_manifest(plan: MergePlan, work: Path, files: dict[str, str], seconds: float) -> None:
+    inputs = []
+    for ref, model in zip(plan.refs, plan.models):
+        entry: dict[str, Any] = {"ref": str(ref), "commit": model.source.commit}
+        if isinstance(model.source, LocalSource):
+            entry["path"] = str(model.source.root)
+        inputs.append(entry)
+    manifest = {
+        "tool": "mergecli",
+        "version": __version__,
+        "method": plan.method.name,
+        "seed": plan.seed,
+        "inputs": inputs,
+        "outputs": files,
+        "wall_seconds": round(seconds, 3),
+    }
+    _write_json(work / "mergecli_manifest.json", manifest)
+
+
+def describe_error(exc: BaseException) -> str:
+    """Short text for an error raised while executing (for logs)."""
+    return exc.message if isinstance(exc, MergecliError) else f"{type(exc).__name__}: {exc}"
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    """Number of elements of a shape."""
+    return math.prod(shape)

@@ -1,0 +1,154 @@
+"""A model's config and tensor index, built from configs and headers without reading weights."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from mergecli.errors import CorruptFileError, NotFoundError
+from mergecli.io.dtypes import ITEMSIZE, TORCH_TO_CODE
+from mergecli.io.source import ModelSource
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what it is."""
+
+    name: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the tensor's data in bytes."""
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One input model: its source, config and tensor index."""
+
+    label: str
+    source: ModelSource
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    weight_format: Literal["safetensors", "bin"]
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of all tensor data."""
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def load_model_info(source: ModelSource) -> ModelInfo:
+    """Read config.json and the weight index/headers of `source` (no tensor data)."""
+    files = set(source.files())
+    if "config.json" not in files:
+        raise NotFoundError(
+            f"{source.label}: no config.json", hint="point at a folder or repo of a transformers model"
+        )
+    config = _read_json(source.local("config.json"), source.label)
+    if SAFE_INDEX in files:
+        tensors = _from_safetensors_index(source)
+        fmt: Literal["safetensors", "bin"] = "safetensors"
+    elif SAFE_SINGLE in files:
+        tensors = _from_safetensors_files(source, [SAFE_SINGLE])
+        fmt = "safetensors"
+    elif any(f.endswith(".safetensors") and "/" not in f for f in files):
+        names = sorted(f for f in files if f.endswith(".safetensors") and "/" not in f)
+        tensors = _from_safetensors_files(source, names)
+        fmt = "safetensors"
+    elif BIN_INDEX in files or BIN_SINGLE in files:
+        tensors = _from_bin(source, files)
+        fmt = "bin"
+    else:
+        raise NotFoundError(
+            f"{source.label}: no weights found (model.safetensors, shards with "
+            f"{SAFE_INDEX}, or pytorch_model.bin)",
+            hint="is this the model's root folder?",
+        )
+    return ModelInfo(source.label, source, config, tensors, fmt)
+
+
+def _read_json(path: Path, label: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptFileError(f"{label}: cannot read {path.name}: {exc}") from None
+    if not isinstance(data, dict):
+        raise CorruptFileError(f"{label}: {path.name} is not a JSON object")
+    return data
+
+
+def _from_safetensors_files(source: ModelSource, names: list[str]) -> dict[str, TensorInfo]:
+    tensors: dict[str, TensorInfo] = {}
+    for filename in names:
+        header = source.header(filename)
+        for name, entry in sorted(header.entries.items(), key=lambda kv: kv[1].begin):
+            if name in tensors:
+                raise CorruptFileError(
+                    f"{source.label}: tensor `{name}` is in both {tensors[name].file} and {filename}"
+                )
+            tensors[name] = TensorInfo(name, filename, entry.dtype, entry.shape)
+    return tensors
+
+
+def _from_safetensors_index(source: ModelSource) -> dict[str, TensorInfo]:
+    index = _read_json(source.local(SAFE_INDEX), source.label)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CorruptFileError(f"{source.label}: {SAFE_INDEX} has no weight_map")
+    shards = sorted(set(weight_map.values()))
+    found = _from_safetensors_files(source, shards)
+    for name, filename in weight_map.items():
+        info = found.get(name)
+        if info is None or info.file != filename:
+            raise CorruptFileError(
+                f"{source.label}: {SAFE_INDEX} maps `{name}` to {filename}, "
+                "but that file's header does not hold it"
+            )
+    return {name: found[name] for name in found if name in weight_map}
+
+
+def load_bin(path: Path, label: str) -> dict[str, torch.Tensor]:
+    """Load a pickled checkpoint safely: tensors only (`weights_only=True`), memory-mapped."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CorruptFileError(
+            f"{label}: refused to load {path.name}: it is not a plain tensor checkpoint ({first})",
+            hint="mergecli never runs code from pickles; convert the model to safetensors "
+            "with a tool you trust",
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CorruptFileError(f"{label}: {path.name} is not a state dict of tensors")
+    return state
+
+
+def _from_bin(source: ModelSource, files: set[str]) -> dict[str, TensorInfo]:
+    if BIN_INDEX in files:
+        weight_map = _read_json(source.local(BIN_INDEX), source.label).get("weight_map") or {}
+        shards = sorted(set(weight_map.values()))
+    else:
+        shards = [BIN_SINGLE]
+    tensors: dict[str, TensorInfo] = {}
+    for filename in shards:
+        for name, tensor in load_bin(source.local(filename), source.label).items():
+            code = TORCH_TO_CODE.get(tensor.dtype)
+            if code is None:
+                raise CorruptFileError(f"{source.label}: `{name}` has unsupported dtype {tensor.dtype}")
+            tensors[name] = TensorInfo(name, filename, code, tuple(tensor.shape))
+    return tensors

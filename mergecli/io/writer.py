@@ -1,0 +1,138 @@
+"""Stream tensors into safetensors shards whose headers are fixed from the plan.
+
+Each shard's header (names, dtypes, shapes, offsets) is known before any tensor is
+computed, so a finished tensor is written straight to its offset and no shard is ever
+held in memory whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergecli.errors import OutputError
+from mergecli.io.dtypes import CODE_TO_TORCH
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """A tensor's place in its shard."""
+
+    shard: int
+    offset: int
+    nbytes: int
+    dtype: str
+
+
+class ShardWriter:
+    """Writes the output shards of a plan into `folder`."""
+
+    def __init__(
+        self, folder: Path, shard_names: Sequence[str], tensors: Sequence[Any]
+    ) -> None:
+        self.folder = folder
+        self.shard_names = tuple(shard_names)
+        self.slots: dict[str, TensorSlot] = {}
+        self._headers: list[bytes] = []
+        self._sizes: list[int] = []
+        self._fds: list[int] = []
+        self._layout(tensors)
+
+    def _layout(self, tensors: Sequence[Any]) -> None:
+        per_shard: list[list[Any]] = [[] for _ in self.shard_names]
+        for tensor in tensors:
+            per_shard[tensor.shard].append(tensor)
+        for shard, members in enumerate(per_shard):
+            entries: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+            cursor = 0
+            for tensor in members:
+                entries[tensor.name] = {
+                    "dtype": tensor.dtype,
+                    "shape": list(tensor.shape),
+                    "data_offsets": [cursor, cursor + tensor.nbytes],
+                }
+                cursor += tensor.nbytes
+            header = json.dumps(entries, separators=(",", ":")).encode()
+            header += b" " * (-len(header) % 8)
+            start = 8 + len(header)
+            for tensor in members:
+                begin = entries[tensor.name]["data_offsets"][0]
+                self.slots[tensor.name] = TensorSlot(shard, start + begin, tensor.nbytes, tensor.dtype)
+            self._headers.append(struct.pack("<Q", len(header)) + header)
+            self._sizes.append(start + cursor)
+
+    @property
+    def shard_sizes(self) -> tuple[int, ...]:
+        """Final size in bytes of each shard file."""
+        return tuple(self._sizes)
+
+    def open(self) -> None:
+        """Create every shard file and write its header."""
+        try:
+            for name, header in zip(self.shard_names, self._headers):
+                fd = os.open(self.folder / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds.append(fd)
+                _pwrite_all(fd, header, 0)
+        except OSError as exc:
+            raise _output_error(exc) from None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write `tensor` (already in its output dtype) at its slot."""
+        slot = self.slots[name]
+        if tensor.dtype != CODE_TO_TORCH[slot.dtype]:
+            raise ValueError(f"{name}: got {tensor.dtype}, planned {slot.dtype}")
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        if data.nbytes != slot.nbytes:
+            raise ValueError(f"{name}: got {data.nbytes} bytes, planned {slot.nbytes}")
+        if data.nbytes:
+            try:
+                _pwrite_all(self._fds[slot.shard], memoryview(data), slot.offset)
+            except OSError as exc:
+                raise _output_error(exc) from None
+
+    def close(self) -> None:
+        """Flush and close every shard file."""
+        fds, self._fds = self._fds, []
+        error: OSError | None = None
+        for fd in fds:
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                error = error or exc
+            os.close(fd)
+        if error is not None:
+            raise _output_error(error)
+
+    def abort(self) -> None:
+        """Close without flushing (the folder is about to be removed)."""
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    def index(self) -> dict[str, Any]:
+        """The `model.safetensors.index.json` document."""
+        total = sum(slot.nbytes for slot in self.slots.values())
+        weight_map = {name: self.shard_names[slot.shard] for name, slot in self.slots.items()}
+        return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _output_error(exc: OSError) -> OutputError:
+    import errno
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return OutputError(f"disk full while writing the output ({exc.strerror})", hint="free space or choose another -o folder")
+    return OutputError(f"cannot write the output: {exc.strerror} ({exc.filename or ''})".strip(), hint="check permissions of the -o folder")

@@ -1,0 +1,50 @@
+"""Find layer stacks and indices from tensor names, with no per-architecture table.
+
+A layer tensor has a component `<stack>.<N>.` where `<stack>` is one of the names used by
+transformers models (`layers`, `h`, `blocks`, `block`, `layer`); the first such component in
+the name is the layer index (so `encoder.block.3.layer.1.x` is layer 3 of `encoder.block`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_LAYER = re.compile(r"(?:^|\.)(layers|layer|h|blocks|block)\.(\d+)\.")
+_EMBED = re.compile(r"embed|(?:^|\.)wte\.|(?:^|\.)wpe\.|word_embeddings|position_embeddings|token_type")
+
+
+@dataclass(frozen=True)
+class LayerName:
+    """A layer tensor name split into stack prefix, index and the rest."""
+
+    stack: str
+    index: int
+    rest: str
+
+    def with_index(self, index: int, stack: str | None = None) -> str:
+        """The same tensor in another layer (optionally of another stack prefix)."""
+        return f"{stack or self.stack}.{index}.{self.rest}"
+
+
+def split_layer(name: str) -> LayerName | None:
+    """`model.layers.3.mlp.up_proj.weight` -> (`model.layers`, 3, `mlp.up_proj.weight`)."""
+    match = _LAYER.search(name)
+    if match is None:
+        return None
+    return LayerName(name[: match.end(1)], int(match.group(2)), name[match.end() :])
+
+
+def is_pre_layer(name: str) -> bool:
+    """Non-layer tensors that come before the layers (embeddings); the rest come after."""
+    return bool(_EMBED.search(name))
+
+
+def layer_counts(names: list[str]) -> dict[str, int]:
+    """Number of layers (max index + 1) of each stack found in `names`."""
+    counts: dict[str, int] = {}
+    for name in names:
+        split = split_layer(name)
+        if split is not None:
+            counts[split.stack] = max(counts.get(split.stack, 0), split.index + 1)
+    return counts

@@ -1,0 +1,508 @@
+"""The plan: every output tensor with its inputs, method, resolved parameters and shard.
+
+Built from the recipe, configs and safetensors headers only; no weight is read. Every
+problem (missing tensors, shape mismatches, layer ranges out of bounds, parameters that do
+not resolve) is collected and raised together.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mergecli import methods
+from mergecli.errors import MergecliError, Problem, RecipeError
+from mergecli.io.checkpoint import ModelInfo, TensorInfo, load_model_info
+from mergecli.io.dtypes import CODE_TO_NAME, FLOAT_CODES, ITEMSIZE, NAME_TO_CODE
+from mergecli.io.source import resolve_source
+from mergecli.layers import is_pre_layer, layer_counts, split_layer
+from mergecli.methods.spec import MethodSpec
+from mergecli.recipe.schema import ModelRef, Recipe
+from mergecli.recipe.settings import Parameters, evaluate
+
+Section = Literal["pre", "layer", "post"]
+DEFAULT_SHARD_BYTES = 5 * 10**9
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+@dataclass(frozen=True)
+class InputRef:
+    """One input tensor: model index into `MergePlan.models` and tensor name."""
+
+    model: int
+    name: str
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """What to compute for one output tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    section: Section
+    layer: int | None
+    t: float
+    inputs: tuple[InputRef, ...]
+    base: InputRef | None
+    params: Mapping[str, Any]
+    per_model: tuple[Mapping[str, Any], ...]
+    copy: bool
+    shard: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this tensor takes in the output."""
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """The whole merge, ready to execute."""
+
+    recipe: Recipe
+    method: MethodSpec
+    models: tuple[ModelInfo, ...]
+    refs: tuple[ModelRef, ...]
+    template: int
+    tensors: tuple[TensorPlan, ...]
+    shard_names: tuple[str, ...]
+    config: dict[str, Any]
+    seed: int
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of tensor data written."""
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def read_bytes(self) -> int:
+        """Bytes of distinct input tensor data read."""
+        seen = {
+            (ref.model, ref.name)
+            for t in self.tensors
+            for ref in (*t.inputs, *([t.base] if t.base else []))
+        }
+        return sum(self.models[m].tensors[n].nbytes for m, n in seen)
+
+    def peak_tensor_bytes(self) -> int:
+        """Predicted peak working memory for tensors in the sequential executor."""
+        peak = 0
+        for t in self.tensors:
+            count = len(t.inputs) + (1 if t.base else 0)
+            work = 0 if t.copy else (count + 2) * t.numel * 4
+            peak = max(peak, work + t.nbytes)
+        return peak
+
+
+def build_plan(
+    recipe: Recipe,
+    recipe_dir: Path | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    seed: int | None = None,
+) -> MergePlan:
+    """Resolve every model, read configs and headers, and plan each output tensor."""
+    spec = methods.get(recipe.merge_method)
+    assert spec is not None, "recipe was checked against the registry"
+    refs = recipe.referenced_models()
+    models, problems = _load_models(recipe, refs, recipe_dir)
+    if problems:
+        raise RecipeError(problems)
+    builder = _Builder(recipe, spec, refs, models)
+    tensors = builder.build()
+    if builder.problems:
+        raise RecipeError(builder.problems)
+    tensors, shard_names = assign_shards(tensors, shard_bytes)
+    return MergePlan(
+        recipe=recipe,
+        method=spec,
+        models=tuple(models),
+        refs=tuple(refs),
+        template=builder.template,
+        tensors=tuple(tensors),
+        shard_names=shard_names,
+        config=builder.output_config(tensors),
+        seed=seed if seed is not None else (recipe.seed if recipe.seed is not None else 0),
+        notes=tuple(builder.notes),
+    )
+
+
+def _where(recipe: Recipe, ref: ModelRef) -> str:
+    if recipe.base_model == ref:
+        return "base_model"
+    for i, m in enumerate(recipe.models or []):
+        if m.model == ref:
+            return f"models[{i}].model"
+    for i, s in enumerate(recipe.slices or []):
+        for j, src in enumerate(s.sources):
+            if src.model == ref:
+                return f"slices[{i}].sources[{j}].model"
+    return "tokenizer_source"
+
+
+def _load_models(
+    recipe: Recipe, refs: list[ModelRef], recipe_dir: Path | None
+) -> tuple[list[ModelInfo], list[Problem]]:
+    models: list[ModelInfo] = []
+    problems: list[Problem] = []
+    for ref in refs:
+        try:
+            models.append(load_model_info(resolve_source(ref, recipe_dir)))
+        except MergecliError as exc:
+            problems.append(Problem(_where(recipe, ref), exc.message, exc.hint, code=exc.exit_code))
+    return models, problems
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One input of an output group: model index, first layer, its parameter block."""
+
+    model: int
+    start: int
+    params: Parameters | None
+    where: str
+
+
+@dataclass(frozen=True)
+class _Group:
+    """An output slice (the models form is one group covering every layer)."""
+
+    sources: tuple[_Source, ...]
+    length: int
+    params: Parameters | None
+    base: int | None
+    where: str
+
+
+class _Builder:
+    """Collects tensor plans and problems for one recipe."""
+
+    def __init__(
+        self, recipe: Recipe, spec: MethodSpec, refs: list[ModelRef], models: list[ModelInfo]
+    ) -> None:
+        self.recipe, self.spec, self.refs, self.models = recipe, spec, refs, models
+        self.problems: list[Problem] = []
+        self.notes: list[str] = []
+        self.template = self._template_index()
+        self.stack, self.depth = self._main_stack()
+        self.layer_sources: list[tuple[int, int]] = []
+
+    def _index(self, ref: ModelRef) -> int:
+        return self.refs.index(ref)
+
+    def _template_index(self) -> int:
+        recipe = self.recipe
+        if recipe.base_model is not None:
+            return self._index(recipe.base_model)
+        if recipe.models:
+            return self._index(recipe.models[0].model)
+        return self._index(recipe.slices[0].sources[0].model) if recipe.slices else 0
+
+    def _main_stack(self) -> tuple[str | None, int]:
+        counts = layer_counts(list(self.models[self.template].tensors))
+        if not counts:
+            return None, 0
+        stack = max(counts, key=lambda s: counts[s])
+        return stack, counts[stack]
+
+    # groups -----------------------------------------------------------------
+
+    def groups(self) -> list[_Group]:
+        recipe = self.recipe
+        if recipe.models:
+            sources = [
+                _Source(self._index(m.model), 0, m.parameters, f"models[{i}]")
+                for i, m in enumerate(recipe.models)
+            ]
+            base = self._index(recipe.base_model) if recipe.base_model else None
+            return [_Group(tuple(sources), self.depth, None, base, "models")]
+        groups = []
+        for i, out_slice in enumerate(recipe.slices or []):
+            sources = [
+                _Source(self._index(s.model), s.layer_range[0], s.parameters, f"slices[{i}].sources[{j}]")
+                for j, s in enumerate(out_slice.sources)
+            ]
+            base_ref = out_slice.base_model or recipe.base_model
+            base = self._index(base_ref) if base_ref else None
+            first = out_slice.sources[0].layer_range
+            groups.append(_Group(tuple(sources), first[1] - first[0], out_slice.parameters, base, f"slices[{i}]"))
+            self._check_ranges(i, out_slice.sources)
+        return groups
+
+    def _check_ranges(self, i: int, sources: Sequence[Any]) -> None:
+        for j, source in enumerate(sources):
+            model = self.models[self._index(source.model)]
+            counts = layer_counts(list(model.tensors))
+            if len(counts) > 1:
+                self.problems.append(
+                    Problem(
+                        f"slices[{i}].sources[{j}].model",
+                        f"{model.label} has several layer stacks ({', '.join(sorted(counts))}); "
+                        "slices need a model with one",
+                        "use the `models:` form for this model",
+                        code=4,
+                    )
+                )
+                continue
+            depth = max(counts.values(), default=0)
+            start, end = source.layer_range
+            if end > depth:
+                self.problems.append(
+                    Problem(
+                        f"slices[{i}].sources[{j}].layer_range",
+                        f"layer_range [{start}, {end}] is out of bounds: {model.label} has "
+                        f"{depth} layers (0..{depth - 1})",
+                        f"the end is exclusive; the whole model is [0, {depth}]",
+                    )
+                )
+
+    # tensors ----------------------------------------------------------------
+
+    def build(self) -> list[TensorPlan]:
+        groups = self.groups()
+        if self.problems:
+            return []
+        template = self.models[self.template]
+        pre = [n for n in template.tensors if split_layer(n) is None and is_pre_layer(n)]
+        post = [n for n in template.tensors if split_layer(n) is None and not is_pre_layer(n)]
+        out: list[TensorPlan] = []
+        for name in pre:
+            out += self._plan(name, groups[0], [name] * len(groups[0].sources), "pre", None, 0.0)
+        out += self._plan_layers(groups)
+        for name in post:
+            out += self._plan(name, groups[-1], [name] * len(groups[-1].sources), "post", None, 1.0)
+        out += self._plan_other_stacks(groups[0])
+        return out
+
+    def _layer_template_names(self, model: ModelInfo, index: int) -> list[tuple[str, str]]:
+        """(stack prefix, rest) of the tensors of layer `index` in the main stack of `model`."""
+        out = []
+        for name in model.tensors:
+            split = split_layer(name)
+            if split is not None and split.index == index and self._is_main(model, split.stack):
+                out.append((split.stack, split.rest))
+        return out
+
+    def _is_main(self, model: ModelInfo, stack: str) -> bool:
+        counts = layer_counts(list(model.tensors))
+        return bool(counts) and stack == max(counts, key=lambda s: counts[s])
+
+    def _stack_of(self, model: ModelInfo) -> str | None:
+        counts = layer_counts(list(model.tensors))
+        return max(counts, key=lambda s: counts[s]) if counts else None
+
+    def _plan_layers(self, groups: list[_Group]) -> list[TensorPlan]:
+        out: list[TensorPlan] = []
+        out_layer = 0
+        out_stack = self.stack
+        for group in groups:
+            for k in range(group.length):
+                t = k / (group.length - 1) if group.length > 1 else 1.0
+                first = self.models[group.sources[0].model]
+                names = self._layer_template_names(first, group.sources[0].start + k)
+                self.layer_sources.append((group.sources[0].model, group.sources[0].start + k))
+                for _, rest in names:
+                    inputs = []
+                    for source in group.sources:
+                        stack = self._stack_of(self.models[source.model])
+                        inputs.append(f"{stack}.{source.start + k}.{rest}")
+                    out_name = f"{out_stack}.{out_layer}.{rest}"
+                    out += self._plan(out_name, group, inputs, "layer", out_layer, t)
+                out_layer += 1
+        return out
+
+    def _plan_other_stacks(self, group: _Group) -> list[TensorPlan]:
+        """Layer tensors of secondary stacks (models form only): merged name for name."""
+        if self.recipe.slices:
+            return []
+        template = self.models[self.template]
+        counts = layer_counts(list(template.tensors))
+        out: list[TensorPlan] = []
+        for name in template.tensors:
+            split = split_layer(name)
+            if split is None or split.stack == self.stack:
+                continue
+            depth = counts[split.stack]
+            t = split.index / (depth - 1) if depth > 1 else 1.0
+            out += self._plan(name, group, [name] * len(group.sources), "layer", split.index, t)
+        return out
+
+    def _input(self, model: int, name: str, shape: tuple[int, ...] | None, group: str) -> TensorInfo | None:
+        info = self.models[model].tensors.get(name)
+        label = self.models[model].label
+        if info is None:
+            self.problems.append(
+                Problem(group, f"tensor `{name}` is missing from {label}", "all inputs need the same tensors", code=4)
+            )
+            return None
+        if shape is not None and info.shape != shape:
+            self.problems.append(
+                Problem(
+                    group,
+                    f"tensor `{name}` has shape {list(info.shape)} in {label} but "
+                    f"{list(shape)} in {self.models[self.template].label}",
+                    "models must share an architecture and size (vocabulary sizes too)",
+                    code=4,
+                )
+            )
+            return None
+        return info
+
+    def _plan(
+        self, out_name: str, group: _Group, names: list[str], section: Section, layer: int | None, t: float
+    ) -> list[TensorPlan]:
+        if len(self.problems) > 50:
+            return []
+        template_info = self._template_info(group, names)
+        if template_info is None:
+            return []
+        shape = template_info.shape
+        use_base = self.spec.needs_base and group.base is not None
+        picked = [
+            (s, n) for s, n in zip(group.sources, names) if not (use_base and s.model == group.base)
+        ]
+        infos = [self._input(s.model, n, shape, s.where) for s, n in picked]
+        base_ref = None
+        if use_base:
+            assert group.base is not None
+            base_name = self._base_name(group, names)
+            if self._input(group.base, base_name, shape, "base_model") is not None:
+                base_ref = InputRef(group.base, base_name)
+        if any(i is None for i in infos) or (use_base and base_ref is None):
+            return []
+        dtype = self._out_dtype(template_info.dtype)
+        is_float = template_info.dtype in FLOAT_CODES
+        if not is_float:
+            source = base_ref or InputRef(picked[0][0].model, picked[0][1])
+            return [
+                TensorPlan(out_name, shape, template_info.dtype, section, layer, t, (source,), None, {}, ({},), True)
+            ]
+        params, per_model = self._resolve(out_name, group, picked, t)
+        if params is None or per_model is None:
+            return []
+        inputs = tuple(InputRef(s.model, n) for s, n in picked)
+        is_copy = self.spec.name == "passthrough" and params.get("scale") in (None, 1) and dtype == template_info.dtype
+        return [TensorPlan(out_name, shape, dtype, section, layer, t, inputs, base_ref, params, per_model, is_copy)]
+
+    def _template_info(self, group: _Group, names: list[str]) -> TensorInfo | None:
+        first = group.sources[0]
+        return self._input(first.model, names[0], None, first.where)
+
+    def _base_name(self, group: _Group, names: list[str]) -> str:
+        for source, name in zip(group.sources, names):
+            if source.model == group.base:
+                return name
+        return names[0]
+
+    def _out_dtype(self, input_code: str) -> str:
+        name = self.recipe.out_dtype or self.recipe.dtype
+        if name is None or input_code not in FLOAT_CODES:
+            return input_code
+        return NAME_TO_CODE[name]
+
+    def _resolve(
+        self, out_name: str, group: _Group, picked: list[tuple[_Source, str]], t: float
+    ) -> tuple[dict[str, Any] | None, tuple[dict[str, Any], ...] | None]:
+        top = self.recipe.parameters
+        params: dict[str, Any] = {}
+        ok = True
+        for spec in self.spec.scoped("global"):
+            value = _lookup(spec.name, out_name, t, [group.params, top])
+            if value is None:
+                value = spec.default
+            if value is None and spec.required:
+                ok = False
+                self.problems.append(_unresolved(spec.name, out_name, "parameters"))
+            params[spec.name] = value
+        per_model = []
+        for source, name in picked:
+            values: dict[str, Any] = {}
+            for spec in self.spec.scoped("model"):
+                value = _lookup(spec.name, name, t, [source.params, group.params, top])
+                if value is None:
+                    value = spec.default
+                if value is None and spec.required:
+                    ok = False
+                    self.problems.append(_unresolved(spec.name, out_name, f"{source.where}.parameters"))
+                values[spec.name] = value
+            per_model.append(values)
+        return (params, tuple(per_model)) if ok else (None, None)
+
+    # config -----------------------------------------------------------------
+
+    def output_config(self, tensors: Sequence[TensorPlan]) -> dict[str, Any]:
+        config = copy.deepcopy(self.models[self.template].config)
+        float_codes = [t.dtype for t in tensors if t.dtype in FLOAT_CODES]
+        if float_codes:
+            dtype_name = CODE_TO_NAME[max(set(float_codes), key=float_codes.count)]
+            for key in ("torch_dtype", "dtype"):
+                if key in config or key == "torch_dtype":
+                    config[key] = dtype_name
+        if self.recipe.slices:
+            self._update_layer_fields(config)
+        return config
+
+    def _update_layer_fields(self, config: dict[str, Any]) -> None:
+        new_depth = len(self.layer_sources)
+        for target in [config, *(v for v in config.values() if isinstance(v, dict))]:
+            old_depth = next((target[k] for k in LAYER_COUNT_KEYS if isinstance(target.get(k), int)), None)
+            if old_depth is None:
+                continue
+            for key in LAYER_COUNT_KEYS:
+                if target.get(key) == old_depth:
+                    target[key] = new_depth
+            for key, value in list(target.items()):
+                if isinstance(value, list) and len(value) == old_depth:
+                    target[key] = [value[index] for _, index in self.layer_sources]
+        if new_depth != self.depth:
+            self.notes.append(f"layers: {self.depth} in the base/first model -> {new_depth} in the output")
+
+
+def _lookup(name: str, tensor: str, t: float, blocks: Sequence[Parameters | None]) -> Any:
+    for block in blocks:
+        if block is not None and name in block:
+            value = evaluate(block[name], tensor, t)
+            if value is not None:
+                return value
+    return None
+
+
+def _unresolved(param: str, tensor: str, where: str) -> Problem:
+    return Problem(
+        where,
+        f"parameter `{param}` has no value for tensor `{tensor}` (no filter condition matched)",
+        "add a catch-all condition without `filter` (e.g. `- value: 1.0`)",
+    )
+
+
+def shard_name(index: int, count: int) -> str:
+    """HF shard file name: `model.safetensors` alone, else `model-00001-of-00003.safetensors`."""
+    return "model.safetensors" if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def assign_shards(tensors: Sequence[TensorPlan], shard_bytes: int) -> tuple[list[TensorPlan], tuple[str, ...]]:
+    """Fill shards in order, starting a new one when the next tensor would overflow it."""
+    shard, used, out = 0, 0, []
+    for tensor in tensors:
+        if used > 0 and used + tensor.nbytes > shard_bytes:
+            shard, used = shard + 1, 0
+        used += tensor.nbytes
+        out.append(_with_shard(tensor, shard))
+    count = shard + 1
+    return out, tuple(shard_name(i, count) for i in range(count))
+
+
+def _with_shard(tensor: TensorPlan, shard: int) -> TensorPlan:
+    from dataclasses import replace
+
+    return replace(tensor, shard=shard)
