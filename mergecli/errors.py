@@ -56,8 +56,7 @@ class RecipeError(MergecliError):
             self.exit_code, "invalid recipe"
         )
         count = len(self.problems)
-        where = f" in {source}" if source else ""
-        super().__init__(f"{count} problem{'s' if count != 1 else ''}{where}")
+        super().__init__(f"{count} problem{'s' if count != 1 else ''}")
 
 
 class UsageError(MergecliError):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable
@@ -20,7 +19,7 @@ import torch
 
 from mergecli import __version__
 from mergecli.card import render_card
-from mergecli.errors import MergecliError, NumericsError
+from mergecli.errors import NumericsError
 from mergecli.io import output
 from mergecli.io.dtypes import CODE_TO_TORCH, math_dtype
 from mergecli.io.reader import TensorReader
@@ -202,13 +201,3 @@ def _write_manifest(plan: MergePlan, work: Path, files: dict[str, str], seconds:
         "wall_seconds": round(seconds, 3),
     }
     _write_json(work / "mergecli_manifest.json", manifest)
-
-
-def describe_error(exc: BaseException) -> str:
-    """Short text for an error raised while executing (for logs)."""
-    return exc.message if isinstance(exc, MergecliError) else f"{type(exc).__name__}: {exc}"
-
-
-def numel(shape: tuple[int, ...]) -> int:
-    """Number of elements of a shape."""
-    return math.prod(shape)

@@ -27,6 +27,7 @@ from mergecli.recipe.settings import Parameters, evaluate
 Section = Literal["pre", "layer", "post"]
 DEFAULT_SHARD_BYTES = 5 * 10**9
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+MAX_TENSOR_PROBLEMS = 3
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ def build_plan(
         raise RecipeError(problems)
     builder = _Builder(recipe, spec, refs, models)
     tensors = builder.build()
+    builder.summarize_mismatches()
     if builder.problems:
         raise RecipeError(builder.problems)
     tensors, shard_names = assign_shards(tensors, shard_bytes)
@@ -196,6 +198,7 @@ class _Builder:
         self.template = self._template_index()
         self.stack, self.depth = self._main_stack()
         self.layer_sources: list[tuple[int, int]] = []
+        self._mismatches: dict[int, int] = {}
 
     def _index(self, ref: ModelRef) -> int:
         return self.refs.index(ref)
@@ -268,8 +271,29 @@ class _Builder:
 
     # tensors ----------------------------------------------------------------
 
+    def _check_same_tensors(self, group: _Group) -> None:
+        """In the models form every input must hold exactly the template's tensors."""
+        template = self.models[self.template]
+        names = set(template.tensors)
+        for source in group.sources:
+            extra = sorted(set(self.models[source.model].tensors) - names)
+            if extra:
+                model = self.models[source.model]
+                self.problems.append(
+                    Problem(
+                        source.where,
+                        f"{model.label} has {len(extra)} tensors that {template.label} lacks "
+                        f"(e.g. `{extra[0]}`)",
+                        "models must share an architecture and layer count; to combine "
+                        "different depths use `slices:`",
+                        code=4,
+                    )
+                )
+
     def build(self) -> list[TensorPlan]:
         groups = self.groups()
+        if self.recipe.models:
+            self._check_same_tensors(groups[0])
         if self.problems:
             return []
         template = self.models[self.template]
@@ -337,23 +361,45 @@ class _Builder:
             out += self._plan(name, group, [name] * len(group.sources), "layer", split.index, t)
         return out
 
+    def _mismatch(self, model: int, problem: Problem) -> None:
+        """Record a tensor problem; past the third one per model only count them."""
+        seen = self._mismatches.get(model, 0)
+        self._mismatches[model] = seen + 1
+        if seen < MAX_TENSOR_PROBLEMS:
+            self.problems.append(problem)
+
+    def summarize_mismatches(self) -> None:
+        """Add one line per model whose further tensor problems were only counted."""
+        for model, count in self._mismatches.items():
+            if count > MAX_TENSOR_PROBLEMS:
+                self.problems.append(
+                    Problem(
+                        "",
+                        f"... and {count - MAX_TENSOR_PROBLEMS} more tensors of {self.models[model].label} "
+                        "are missing or have other shapes",
+                        "",
+                        code=4,
+                    )
+                )
+
     def _input(self, model: int, name: str, shape: tuple[int, ...] | None, group: str) -> TensorInfo | None:
         info = self.models[model].tensors.get(name)
         label = self.models[model].label
         if info is None:
-            self.problems.append(
-                Problem(group, f"tensor `{name}` is missing from {label}", "all inputs need the same tensors", code=4)
+            self._mismatch(
+                model, Problem(group, f"tensor `{name}` is missing from {label}", "all inputs need the same tensors", code=4)
             )
             return None
         if shape is not None and info.shape != shape:
-            self.problems.append(
+            self._mismatch(
+                model,
                 Problem(
                     group,
                     f"tensor `{name}` has shape {list(info.shape)} in {label} but "
                     f"{list(shape)} in {self.models[self.template].label}",
                     "models must share an architecture and size (vocabulary sizes too)",
                     code=4,
-                )
+                ),
             )
             return None
         return info
@@ -361,8 +407,6 @@ class _Builder:
     def _plan(
         self, out_name: str, group: _Group, names: list[str], section: Section, layer: int | None, t: float
     ) -> list[TensorPlan]:
-        if len(self.problems) > 50:
-            return []
         template_info = self._template_info(group, names)
         if template_info is None:
             return []
@@ -445,9 +489,9 @@ class _Builder:
         float_codes = [t.dtype for t in tensors if t.dtype in FLOAT_CODES]
         if float_codes:
             dtype_name = CODE_TO_NAME[max(set(float_codes), key=float_codes.count)]
-            for key in ("torch_dtype", "dtype"):
-                if key in config or key == "torch_dtype":
-                    config[key] = dtype_name
+            keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+            for key in keys:
+                config[key] = dtype_name
         if self.recipe.slices:
             self._update_layer_fields(config)
         return config

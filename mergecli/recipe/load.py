@@ -16,6 +16,7 @@ from mergecli.recipe.schema import Recipe
 from mergecli.suggest import closest
 
 MAX_RECIPE_BYTES = 1_000_000
+_OWN_ERRORS = {"bad_setting", "bad_model", "bad_dtype", "bad_range", "input_form", "tokenizer_form", "bad_tag"}
 
 
 def load_recipe(path: Path) -> Recipe:
@@ -33,8 +34,10 @@ def read_recipe_text(path: Path) -> str:
 
     if path.is_dir():
         raise fail(f"{path} is a directory, not a recipe file", "give the path of a .yaml file")
-    if not path.is_file():
+    if not path.exists():
         raise fail(f"recipe file {path} does not exist", "check the path; `mergecli recipes list` shows bundled examples")
+    if not path.is_file():
+        raise fail(f"{path} is not a regular file", "give the path of a .yaml file")
     size = path.stat().st_size
     if size > MAX_RECIPE_BYTES:
         raise fail(
@@ -136,7 +139,7 @@ def _problem_from_pydantic(error: Any) -> Problem:
         where = format_loc(loc[:-1]) or "the top level"
         return Problem(format_loc(loc), f"missing required key `{loc[-1]}` in {where}", "")
     message = str(error["msg"]).removeprefix("Value error, ")
-    if "input" in error and kind not in {"bad_setting", "bad_model", "bad_dtype", "bad_range"}:
+    if "input" in error and kind not in _OWN_ERRORS:
         message += f" (found {_short(error['input'])})"
     return Problem(format_loc(loc), message, "")
 

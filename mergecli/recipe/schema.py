@@ -81,9 +81,9 @@ def _parse_dtype(raw: Any) -> Any:
             return _DTYPE_ALIASES[key]
     raise PydanticCustomError(
         "bad_dtype",
-        "unknown dtype {raw!r}; allowed: float32, float16, bfloat16, float64 "
+        "unknown dtype {raw}; allowed: float32, float16, bfloat16, float64 "
         "(aliases fp32, fp16, bf16 and torch.* also work)",
-        {"raw": raw},
+        {"raw": repr(raw)},
     )
 
 
@@ -222,7 +222,7 @@ class Recipe(_Frozen):
         for tag in self.tags or []:
             if not _TAG.match(tag):
                 raise PydanticCustomError(
-                    "bad_tag", "tag {tag!r} has characters the Hub does not allow", {"tag": tag}
+                    "bad_tag", "tag {tag} has characters the Hub does not allow", {"tag": repr(tag)}
                 )
         return self
 
