@@ -24,13 +24,20 @@ def card_license(plan: MergePlan) -> tuple[str | None, str | None]:
     found = {m.config.get("license") for m in plan.models}
     if len(found) == 1 and None not in found:
         return str(found.pop()), None
-    return None, "no license in the recipe and the inputs do not state one license; the card has none"
+    return (
+        None,
+        "no license in the recipe and the inputs do not state one license; the card has none",
+    )
 
 
 def render_card(plan: MergePlan, recipe_text: str) -> str:
     """Markdown with YAML front matter for the Hub."""
     license_, _ = card_license(plan)
-    tags = ["merge", "mergecli", *[t for t in plan.recipe.tags or [] if t not in ("merge", "mergecli")]]
+    tags = [
+        "merge",
+        "mergecli",
+        *[t for t in plan.recipe.tags or [] if t not in ("merge", "mergecli")],
+    ]
     front: dict[str, Any] = {}
     if hub_ids(plan):
         front["base_model"] = hub_ids(plan)
@@ -65,7 +72,19 @@ def render_card(plan: MergePlan, recipe_text: str) -> str:
         lines.append(f"- Base model: `{base}`")
     if method.random:
         lines.append(f"- Seed: {plan.seed}")
-    lines += ["", "## Models", "", *_models_table(plan), "", "## Recipe", "", "```yaml", recipe_text.rstrip(), "```", ""]
+    lines += [
+        "",
+        "## Models",
+        "",
+        *_models_table(plan),
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        recipe_text.rstrip(),
+        "```",
+        "",
+    ]
     lines += _usage()
     return "\n".join(lines) + "\n"
 
@@ -83,7 +102,9 @@ def _models_table(plan: MergePlan) -> list[str]:
 
 def _model_params(plan: MergePlan) -> dict[str, str]:
     out: dict[str, str] = {}
-    entries: Sequence[Any] = plan.recipe.models or [s for sl in plan.recipe.slices or [] for s in sl.sources]
+    entries: Sequence[Any] = plan.recipe.models or [
+        s for sl in plan.recipe.slices or [] for s in sl.sources
+    ]
     for entry in entries:
         if entry.parameters:
             text = ", ".join(f"{k}: {to_plain(v)}" for k, v in entry.parameters.items())

@@ -72,7 +72,9 @@ def compute_tensor(plan: MergePlan, tensor: TensorPlan, reader: TensorReader) ->
     return _cast_checked(result, out_dtype, tensor.name)
 
 
-def _load_checked(plan: MergePlan, model: int, name: str, reader: TensorReader, work: torch.dtype) -> torch.Tensor:
+def _load_checked(
+    plan: MergePlan, model: int, name: str, reader: TensorReader, work: torch.dtype
+) -> torch.Tensor:
     tensor = reader.read(plan.models[model], name).to(work)
     if not torch.isfinite(tensor).all():
         bad = int((~torch.isfinite(tensor)).sum())
@@ -85,7 +87,9 @@ def _load_checked(plan: MergePlan, model: int, name: str, reader: TensorReader, 
 
 def _cast_checked(result: torch.Tensor, out_dtype: torch.dtype, name: str) -> torch.Tensor:
     if not torch.isfinite(result).all():
-        raise NumericsError(f"merged tensor `{name}` has NaN/Inf values", hint="check the method's parameters")
+        raise NumericsError(
+            f"merged tensor `{name}` has NaN/Inf values", hint="check the method's parameters"
+        )
     if out_dtype.is_floating_point and result.numel():
         limit = torch.finfo(out_dtype).max
         peak = float(result.abs().max())

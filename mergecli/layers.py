@@ -11,7 +11,9 @@ import re
 from dataclasses import dataclass
 
 _LAYER = re.compile(r"(?:^|\.)(layers|layer|h|blocks|block)\.(\d+)\.")
-_EMBED = re.compile(r"embed|(?:^|\.)wte\.|(?:^|\.)wpe\.|word_embeddings|position_embeddings|token_type")
+_EMBED = re.compile(
+    r"embed|(?:^|\.)wte\.|(?:^|\.)wpe\.|word_embeddings|position_embeddings|token_type"
+)
 
 
 @dataclass(frozen=True)

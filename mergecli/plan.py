@@ -232,13 +232,22 @@ class _Builder:
         groups = []
         for i, out_slice in enumerate(recipe.slices or []):
             sources = [
-                _Source(self._index(s.model), s.layer_range[0], s.parameters, f"slices[{i}].sources[{j}]")
+                _Source(
+                    self._index(s.model),
+                    s.layer_range[0],
+                    s.parameters,
+                    f"slices[{i}].sources[{j}]",
+                )
                 for j, s in enumerate(out_slice.sources)
             ]
             base_ref = out_slice.base_model or recipe.base_model
             base = self._index(base_ref) if base_ref else None
             first = out_slice.sources[0].layer_range
-            groups.append(_Group(tuple(sources), first[1] - first[0], out_slice.parameters, base, f"slices[{i}]"))
+            groups.append(
+                _Group(
+                    tuple(sources), first[1] - first[0], out_slice.parameters, base, f"slices[{i}]"
+                )
+            )
             self._check_ranges(i, out_slice.sources)
         return groups
 
@@ -382,12 +391,20 @@ class _Builder:
                     )
                 )
 
-    def _input(self, model: int, name: str, shape: tuple[int, ...] | None, group: str) -> TensorInfo | None:
+    def _input(
+        self, model: int, name: str, shape: tuple[int, ...] | None, group: str
+    ) -> TensorInfo | None:
         info = self.models[model].tensors.get(name)
         label = self.models[model].label
         if info is None:
             self._mismatch(
-                model, Problem(group, f"tensor `{name}` is missing from {label}", "all inputs need the same tensors", code=4)
+                model,
+                Problem(
+                    group,
+                    f"tensor `{name}` is missing from {label}",
+                    "all inputs need the same tensors",
+                    code=4,
+                ),
             )
             return None
         if shape is not None and info.shape != shape:
@@ -405,7 +422,13 @@ class _Builder:
         return info
 
     def _plan(
-        self, out_name: str, group: _Group, names: list[str], section: Section, layer: int | None, t: float
+        self,
+        out_name: str,
+        group: _Group,
+        names: list[str],
+        section: Section,
+        layer: int | None,
+        t: float,
     ) -> list[TensorPlan]:
         template_info = self._template_info(group, names)
         if template_info is None:
@@ -429,14 +452,44 @@ class _Builder:
         if not is_float:
             source = base_ref or InputRef(picked[0][0].model, picked[0][1])
             return [
-                TensorPlan(out_name, shape, template_info.dtype, section, layer, t, (source,), None, {}, ({},), True)
+                TensorPlan(
+                    out_name,
+                    shape,
+                    template_info.dtype,
+                    section,
+                    layer,
+                    t,
+                    (source,),
+                    None,
+                    {},
+                    ({},),
+                    True,
+                )
             ]
         params, per_model = self._resolve(out_name, group, picked, t)
         if params is None or per_model is None:
             return []
         inputs = tuple(InputRef(s.model, n) for s, n in picked)
-        is_copy = self.spec.name == "passthrough" and params.get("scale") in (None, 1) and dtype == template_info.dtype
-        return [TensorPlan(out_name, shape, dtype, section, layer, t, inputs, base_ref, params, per_model, is_copy)]
+        is_copy = (
+            self.spec.name == "passthrough"
+            and params.get("scale") in (None, 1)
+            and dtype == template_info.dtype
+        )
+        return [
+            TensorPlan(
+                out_name,
+                shape,
+                dtype,
+                section,
+                layer,
+                t,
+                inputs,
+                base_ref,
+                params,
+                per_model,
+                is_copy,
+            )
+        ]
 
     def _template_info(self, group: _Group, names: list[str]) -> TensorInfo | None:
         first = group.sources[0]
@@ -477,7 +530,9 @@ class _Builder:
                     value = spec.default
                 if value is None and spec.required:
                     ok = False
-                    self.problems.append(_unresolved(spec.name, out_name, f"{source.where}.parameters"))
+                    self.problems.append(
+                        _unresolved(spec.name, out_name, f"{source.where}.parameters")
+                    )
                 values[spec.name] = value
             per_model.append(values)
         return (params, tuple(per_model)) if ok else (None, None)
@@ -499,7 +554,9 @@ class _Builder:
     def _update_layer_fields(self, config: dict[str, Any]) -> None:
         new_depth = len(self.layer_sources)
         for target in [config, *(v for v in config.values() if isinstance(v, dict))]:
-            old_depth = next((target[k] for k in LAYER_COUNT_KEYS if isinstance(target.get(k), int)), None)
+            old_depth = next(
+                (target[k] for k in LAYER_COUNT_KEYS if isinstance(target.get(k), int)), None
+            )
             if old_depth is None:
                 continue
             for key in LAYER_COUNT_KEYS:
@@ -509,7 +566,9 @@ class _Builder:
                 if isinstance(value, list) and len(value) == old_depth:
                     target[key] = [value[index] for _, index in self.layer_sources]
         if new_depth != self.depth:
-            self.notes.append(f"layers: {self.depth} in the base/first model -> {new_depth} in the output")
+            self.notes.append(
+                f"layers: {self.depth} in the base/first model -> {new_depth} in the output"
+            )
 
 
 def _lookup(name: str, tensor: str, t: float, blocks: Sequence[Parameters | None]) -> Any:
@@ -531,10 +590,14 @@ def _unresolved(param: str, tensor: str, where: str) -> Problem:
 
 def shard_name(index: int, count: int) -> str:
     """HF shard file name: `model.safetensors` alone, else `model-00001-of-00003.safetensors`."""
-    return "model.safetensors" if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+    return (
+        "model.safetensors" if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+    )
 
 
-def assign_shards(tensors: Sequence[TensorPlan], shard_bytes: int) -> tuple[list[TensorPlan], tuple[str, ...]]:
+def assign_shards(
+    tensors: Sequence[TensorPlan], shard_bytes: int
+) -> tuple[list[TensorPlan], tuple[str, ...]]:
     """Fill shards in order, starting a new one when the next tensor would overflow it."""
     shard, used, out = 0, 0, []
     for tensor in tensors:

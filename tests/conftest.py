@@ -32,7 +32,9 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {tok: i for i, tok in enumerate(VOCAB)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def llama_config(layers: int = 3, vocab: int = len(VOCAB), hidden: int = 32) -> LlamaConfig:
@@ -49,7 +51,9 @@ def llama_config(layers: int = 3, vocab: int = len(VOCAB), hidden: int = 32) -> 
     )
 
 
-def save_model(folder: Path, config: LlamaConfig, seed: int, dtype: torch.dtype = torch.float32) -> Path:
+def save_model(
+    folder: Path, config: LlamaConfig, seed: int, dtype: torch.dtype = torch.float32
+) -> Path:
     """Build a Llama with seeded weights and save it with its tokenizer."""
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
@@ -93,7 +97,9 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def hub_cache_model(cache: Path, repo_id: str, source: Path, commit: str, refs: tuple[str, ...] = ("main",)) -> None:
+def hub_cache_model(
+    cache: Path, repo_id: str, source: Path, commit: str, refs: tuple[str, ...] = ("main",)
+) -> None:
     """Lay out `source`'s files as a Hub cache snapshot (models--org--name/snapshots/<commit>)."""
     repo = cache / ("models--" + repo_id.replace("/", "--"))
     shutil.copytree(source, repo / "snapshots" / commit)

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import hub_cache_model, invoke, read_json, write
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
-
-from conftest import hub_cache_model, invoke, read_json, write
 
 
 def state(folder: Path) -> dict[str, torch.Tensor]:
@@ -45,7 +44,9 @@ def linear64(folders: list[Path], weights: list[float]) -> Exact:
     return out
 
 
-def assert_float32_close(actual: torch.Tensor, expected64: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+def assert_float32_close(
+    actual: torch.Tensor, expected64: torch.Tensor, scale: torch.Tensor | None = None
+) -> None:
     """Within float32 rounding of the float64 result: n+2 roundings of terms of size `scale`."""
     assert actual.dtype == torch.float32
     scale = expected64.abs() if scale is None else scale
@@ -62,7 +63,9 @@ def linear_recipe(family: dict[str, Path], extra: str = "") -> str:
     )
 
 
-def test_linear_matches_float64_math_and_loads(family: dict[str, Path], tmp_path: Path, runner: CliRunner) -> None:
+def test_linear_matches_float64_math_and_loads(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
     recipe = write(tmp_path / "r.yaml", linear_recipe(family))
     code, _, err = invoke(runner, "run", str(recipe), "-o", str(tmp_path / "out"))
     assert code == 0, err
@@ -80,7 +83,9 @@ def test_linear_matches_float64_math_and_loads(family: dict[str, Path], tmp_path
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=1e-5)
 
 
-def test_output_folder_layout_card_and_manifest(family: dict[str, Path], tmp_path: Path, runner: CliRunner) -> None:
+def test_output_folder_layout_card_and_manifest(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
     text = linear_recipe(family, "name: my-soup\nlicense: mit\ntags: [chat]\ndtype: bfloat16\n")
     recipe = write(tmp_path / "r.yaml", text)
     code, _, err = invoke(runner, "run", str(recipe), "-o", str(tmp_path / "out"))
@@ -127,7 +132,9 @@ def test_output_folder_layout_card_and_manifest(family: dict[str, Path], tmp_pat
 
 def test_sharding_and_index(family: dict[str, Path], tmp_path: Path, runner: CliRunner) -> None:
     recipe = write(tmp_path / "r.yaml", linear_recipe(family))
-    code, _, err = invoke(runner, "run", str(recipe), "-o", str(tmp_path / "out"), "--shard-size", "20KB")
+    code, _, err = invoke(
+        runner, "run", str(recipe), "-o", str(tmp_path / "out"), "--shard-size", "20KB"
+    )
     assert code == 0, err
     out = tmp_path / "out"
     shards = sorted(p.name for p in out.glob("model-*.safetensors"))
@@ -136,7 +143,9 @@ def test_sharding_and_index(family: dict[str, Path], tmp_path: Path, runner: Cli
     assert shards == [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
     index = read_json(out / "model.safetensors.index.json")
     merged = state(out)
-    assert index["metadata"] == {"total_size": sum(t.numel() * t.element_size() for t in merged.values())}
+    assert index["metadata"] == {
+        "total_size": sum(t.numel() * t.element_size() for t in merged.values())
+    }
     # each shard stays under the limit unless it holds a single larger tensor
     for shard in shards:
         tensors = load_file(str(out / shard))
@@ -150,7 +159,9 @@ def test_sharding_and_index(family: dict[str, Path], tmp_path: Path, runner: Cli
     assert model.config.num_hidden_layers == 3
 
 
-def test_passthrough_slices_renumber_layers(family: dict[str, Path], tmp_path: Path, runner: CliRunner) -> None:
+def test_passthrough_slices_renumber_layers(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
     recipe = write(
         tmp_path / "r.yaml",
         "merge_method: passthrough\nslices:\n"
@@ -165,9 +176,21 @@ def test_passthrough_slices_renumber_layers(family: dict[str, Path], tmp_path: P
     deep = load_file(str(family["deep"] / "model.safetensors"))
     expected = {"model.embed_tokens.weight": a["model.embed_tokens.weight"]}
     for i in range(2):
-        expected.update({k.replace(f"layers.{i}.", f"layers.{i}.", 1): v for k, v in a.items() if f"layers.{i}." in k})
+        expected.update(
+            {
+                k.replace(f"layers.{i}.", f"layers.{i}.", 1): v
+                for k, v in a.items()
+                if f"layers.{i}." in k
+            }
+        )
     for out_i, in_i in zip(range(2, 6), range(1, 5)):
-        expected.update({k.replace(f"layers.{in_i}.", f"layers.{out_i}.", 1): v for k, v in deep.items() if f"layers.{in_i}." in k})
+        expected.update(
+            {
+                k.replace(f"layers.{in_i}.", f"layers.{out_i}.", 1): v
+                for k, v in deep.items()
+                if f"layers.{in_i}." in k
+            }
+        )
     expected["model.norm.weight"] = deep["model.norm.weight"]
     expected["lm_head.weight"] = deep["lm_head.weight"]
     assert merged.keys() == expected.keys()
@@ -179,7 +202,9 @@ def test_passthrough_slices_renumber_layers(family: dict[str, Path], tmp_path: P
         assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 32)
 
 
-def test_gradient_and_filter_weights_per_layer(family: dict[str, Path], tmp_path: Path, runner: CliRunner) -> None:
+def test_gradient_and_filter_weights_per_layer(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
     recipe = write(
         tmp_path / "r.yaml",
         "merge_method: linear\nmodels:\n"
@@ -202,33 +227,59 @@ def test_gradient_and_filter_weights_per_layer(family: dict[str, Path], tmp_path
         assert_float32_close(merged[attn], (a[attn].double() + b[attn].double()) / 2, scale)
 
 
-def test_plan_json_resolves_parameters(family: dict[str, Path], tmp_path: Path, runner: CliRunner) -> None:
-    recipe = write(tmp_path / "r.yaml", "merge_method: linear\nparameters: {weight: [0.0, 1.0]}\nmodels:\n"
-                   f"  - model: {family['a']}\n  - model: {family['b']}\n    parameters: {{weight: 2.0}}\n")
+def test_plan_json_resolves_parameters(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
+    recipe = write(
+        tmp_path / "r.yaml",
+        "merge_method: linear\nparameters: {weight: [0.0, 1.0]}\nmodels:\n"
+        f"  - model: {family['a']}\n  - model: {family['b']}\n    parameters: {{weight: 2.0}}\n",
+    )
     code, out, err = invoke(runner, "plan", str(recipe), "--json")
     assert code == 0, err
     data = json.loads(out)
     by_name = {t["name"]: t for t in data["tensors"]}
     assert by_name["model.embed_tokens.weight"]["t"] == 0.0
     assert by_name["model.embed_tokens.weight"]["per_model"] == [{"weight": 0.0}, {"weight": 2.0}]
-    assert by_name["model.layers.1.mlp.up_proj.weight"]["per_model"] == [{"weight": 0.5}, {"weight": 2.0}]
+    assert by_name["model.layers.1.mlp.up_proj.weight"]["per_model"] == [
+        {"weight": 0.5},
+        {"weight": 2.0},
+    ]
     assert by_name["lm_head.weight"]["t"] == 1.0
     assert by_name["lm_head.weight"]["per_model"][0] == {"weight": 1.0}
     assert data["shards"] == ["model.safetensors"]
-    sizes = sum(t.numel() * t.element_size() for t in load_file(str(family["a"] / "model.safetensors")).values())
+    sizes = sum(
+        t.numel() * t.element_size()
+        for t in load_file(str(family["a"] / "model.safetensors")).values()
+    )
     assert data["bytes_to_write"] == sizes and data["bytes_to_read"] == 2 * sizes
-    assert [t["name"] for t in data["tensors"]][:2] == ["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight"]
+    assert [t["name"] for t in data["tensors"]][:2] == [
+        "model.embed_tokens.weight",
+        "model.layers.0.input_layernorm.weight",
+    ]
 
 
 def test_subprocess_run_and_exit_codes(family: dict[str, Path], tmp_path: Path) -> None:
     recipe = write(tmp_path / "r.yaml", linear_recipe(family))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "mergecli", "run", str(recipe), "-o", str(tmp_path / "out"), "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mergecli",
+        "run",
+        str(recipe),
+        "-o",
+        str(tmp_path / "out"),
+        "--json",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["status"] == "ok" and summary["tensors"] == 30
-    assert summary["files"]["model.safetensors"] == read_json(tmp_path / "out" / "mergecli_manifest.json")["outputs"]["model.safetensors"]  # type: ignore[index]
+    assert (
+        summary["files"]["model.safetensors"]
+        == read_json(tmp_path / "out" / "mergecli_manifest.json")["outputs"]["model.safetensors"]
+    )  # type: ignore[index]
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     assert again.returncode == 5
     assert "already exists and is not empty" in again.stderr and "Traceback" not in again.stderr
@@ -237,13 +288,35 @@ def test_subprocess_run_and_exit_codes(family: dict[str, Path], tmp_path: Path) 
 @pytest.mark.parametrize(
     ("make", "code", "message"),
     [
-        (lambda f: f"  - model: {f['a']}/nope\n    parameters: {{weight: 1}}\n", 3, "local folder not found"),
-        (lambda f: f"  - model: {f['wide']}\n    parameters: {{weight: 1}}\n", 4, "... and 27 more tensors of "),
-        (lambda f: "  - model: nobody/missing-model\n    parameters: {weight: 1}\n", 3, "nobody/missing-model: not in the local cache"),
+        (
+            lambda f: f"  - model: {f['a']}/nope\n    parameters: {{weight: 1}}\n",
+            3,
+            "local folder not found",
+        ),
+        (
+            lambda f: f"  - model: {f['wide']}\n    parameters: {{weight: 1}}\n",
+            4,
+            "... and 27 more tensors of ",
+        ),
+        (
+            lambda f: "  - model: nobody/missing-model\n    parameters: {weight: 1}\n",
+            3,
+            "nobody/missing-model: not in the local cache",
+        ),
     ],
 )
-def test_model_problems_before_any_weight_is_read(family: dict[str, Path], tmp_path: Path, runner: CliRunner, make: object, code: int, message: str) -> None:
-    text = f"merge_method: linear\nmodels:\n  - model: {family['a']}\n    parameters: {{weight: 1}}\n" + make(family)  # type: ignore[operator]
+def test_model_problems_before_any_weight_is_read(
+    family: dict[str, Path],
+    tmp_path: Path,
+    runner: CliRunner,
+    make: object,
+    code: int,
+    message: str,
+) -> None:
+    text = (
+        f"merge_method: linear\nmodels:\n  - model: {family['a']}\n    parameters: {{weight: 1}}\n"
+        + make(family)
+    )  # type: ignore[operator]
     recipe = write(tmp_path / "r.yaml", text)
     got, _, err = invoke(runner, "run", str(recipe), "-o", str(tmp_path / "out"))
     assert got == code
@@ -252,15 +325,22 @@ def test_model_problems_before_any_weight_is_read(family: dict[str, Path], tmp_p
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
-def test_layer_range_out_of_bounds(family: dict[str, Path], tmp_path: Path, runner: CliRunner) -> None:
-    recipe = write(tmp_path / "r.yaml", f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {family['a']}\n        layer_range: [1, 4]\n")
+def test_layer_range_out_of_bounds(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
+    recipe = write(
+        tmp_path / "r.yaml",
+        f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {family['a']}\n        layer_range: [1, 4]\n",
+    )
     code, _, err = invoke(runner, "validate", str(recipe))
     assert code == 2
     assert "slices[0].sources[0].layer_range: layer_range [1, 4] is out of bounds: " in err
     assert "has 3 layers (0..2)" in err and "the whole model is [0, 3]" in err
 
 
-def test_validate_reports_all_recipes(family: dict[str, Path], tmp_path: Path, runner: CliRunner) -> None:
+def test_validate_reports_all_recipes(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
     good = write(tmp_path / "good.yaml", linear_recipe(family))
     bad = write(tmp_path / "bad.yaml", "merge_method: lineer\nmodels:\n  - model: x/y\n")
     code, out, err = invoke(runner, "validate", str(good), str(bad))
@@ -269,7 +349,9 @@ def test_validate_reports_all_recipes(family: dict[str, Path], tmp_path: Path, r
     assert "unknown merge method `lineer`" in err and "1 of 2 recipes invalid" in err
 
 
-def test_hub_model_from_the_offline_cache(family: dict[str, Path], tmp_path: Path, runner: CliRunner) -> None:
+def test_hub_model_from_the_offline_cache(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
     cache = Path(os.environ["HF_HUB_CACHE"])
     commit = "0123456789abcdef0123456789abcdef01234567"
     hub_cache_model(cache, "org/tiny-a", family["a"], commit, refs=("main", "v1"))
@@ -289,12 +371,17 @@ def test_hub_model_from_the_offline_cache(family: dict[str, Path], tmp_path: Pat
     card = (tmp_path / "out" / "README.md").read_text()
     assert yaml.safe_load(card.split("---")[1])["base_model"] == ["org/tiny-a"]
     assert f"| `org/tiny-a` | {commit} | input |" in card
-    missing = write(tmp_path / "m.yaml", "merge_method: linear\nmodels:\n  - model: org/tiny-a@v2\n    parameters: {weight: 1}\n")
+    missing = write(
+        tmp_path / "m.yaml",
+        "merge_method: linear\nmodels:\n  - model: org/tiny-a@v2\n    parameters: {weight: 1}\n",
+    )
     code, _, err = invoke(runner, "run", str(missing), "-o", str(tmp_path / "out2"))
     assert code == 3 and "org/tiny-a@v2: not in the local cache" in err
 
 
-def test_bin_checkpoints_load_safely(family: dict[str, Path], tmp_path: Path, runner: CliRunner) -> None:
+def test_bin_checkpoints_load_safely(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
     import shutil
 
     folder = tmp_path / "binmodel"
@@ -320,7 +407,9 @@ class Exploit:
         return (os.system, ("touch PWNED",))
 
 
-def test_pickle_with_code_is_refused_never_run(family: dict[str, Path], tmp_path: Path, runner: CliRunner, chdir_tmp: Path) -> None:
+def test_pickle_with_code_is_refused_never_run(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner, chdir_tmp: Path
+) -> None:
     import pickle
     import shutil
 
@@ -339,7 +428,9 @@ def test_pickle_with_code_is_refused_never_run(family: dict[str, Path], tmp_path
     assert not (chdir_tmp / "PWNED").exists()
 
 
-def test_overwrite_replaces_and_output_inside_input_is_refused(family: dict[str, Path], tmp_path: Path, runner: CliRunner) -> None:
+def test_overwrite_replaces_and_output_inside_input_is_refused(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
     recipe = write(tmp_path / "r.yaml", linear_recipe(family))
     out = tmp_path / "out"
     out.mkdir()
@@ -354,7 +445,9 @@ def test_overwrite_replaces_and_output_inside_input_is_refused(family: dict[str,
     assert not (family["a"] / "merged").exists()
 
 
-def test_nan_in_an_input_names_tensor_and_model(family: dict[str, Path], tmp_path: Path, runner: CliRunner) -> None:
+def test_nan_in_an_input_names_tensor_and_model(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
     import shutil
 
     from safetensors.torch import save_file

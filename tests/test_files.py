@@ -38,15 +38,37 @@ def test_header_matches_safetensors(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("header", "data", "message"),
     [
-        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, "ends at byte 8 of the data but the file holds only 4 (truncated download?)"),
-        ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "has 8 bytes at [0, 8) but shape [3] of F32 needs 12"),
-        ({"a": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "unknown dtype 'Q4'"),
-        ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, "malformed shape [-2]"),
-        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8]}}, b"\0" * 8, "malformed data_offsets [8]"),
+        (
+            {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+            b"\0" * 4,
+            "ends at byte 8 of the data but the file holds only 4 (truncated download?)",
+        ),
+        (
+            {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}},
+            b"\0" * 8,
+            "has 8 bytes at [0, 8) but shape [3] of F32 needs 12",
+        ),
+        (
+            {"a": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}},
+            b"\0" * 8,
+            "unknown dtype 'Q4'",
+        ),
+        (
+            {"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}},
+            b"\0" * 8,
+            "malformed shape [-2]",
+        ),
+        (
+            {"a": {"dtype": "F32", "shape": [2], "data_offsets": [8]}},
+            b"\0" * 8,
+            "malformed data_offsets [8]",
+        ),
         ([1, 2], b"", "header is not a JSON object"),
     ],
 )
-def test_lying_headers_are_caught(tmp_path: Path, header: object, data: bytes, message: str) -> None:
+def test_lying_headers_are_caught(
+    tmp_path: Path, header: object, data: bytes, message: str
+) -> None:
     path = raw_file(tmp_path / "bad.safetensors", header, data)
     with pytest.raises(CorruptFileError) as info:
         read_header(path)
@@ -66,13 +88,17 @@ def test_duplicate_names_and_short_files(tmp_path: Path) -> None:
         read_header(short)
     huge = tmp_path / "huge.safetensors"
     huge.write_bytes(struct.pack("<Q", 10**12) + b"{}")
-    with pytest.raises(CorruptFileError, match="header claims 1000000000000 bytes but the file has 10"):
+    with pytest.raises(
+        CorruptFileError, match="header claims 1000000000000 bytes but the file has 10"
+    ):
         read_header(huge)
 
 
 def plan_of(tensors: dict[str, torch.Tensor]) -> list[TensorPlan]:
     return [
-        TensorPlan(name, tuple(t.shape), TORCH_TO_CODE[t.dtype], "layer", None, 0.0, (), None, {}, (), True)
+        TensorPlan(
+            name, tuple(t.shape), TORCH_TO_CODE[t.dtype], "layer", None, 0.0, (), None, {}, (), True
+        )
         for name, t in tensors.items()
     ]
 
@@ -105,7 +131,9 @@ def test_streamed_shards_read_back_exactly(tmp_path: Path) -> None:
         writer.write(name, tensors[name])
     writer.close()
     index = writer.index()
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in tensors.values()
+    )
     assert set(index["weight_map"].values()) == set(names)
     for size, name in zip(writer.shard_sizes, names):
         assert (tmp_path / name).stat().st_size == size
@@ -121,6 +149,6 @@ def test_writer_refuses_a_tensor_of_the_wrong_dtype(tmp_path: Path) -> None:
     placed, names = assign_shards(plan_of({"w": torch.zeros(2)}), 100)
     writer = ShardWriter(tmp_path, names, placed)
     writer.open()
-    with pytest.raises(ValueError, match="got torch.float16, planned F32"):
+    with pytest.raises(ValueError, match=r"got torch\.float16, planned F32"):
         writer.write("w", torch.zeros(2, dtype=torch.float16))
     writer.abort()

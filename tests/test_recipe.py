@@ -89,7 +89,9 @@ def test_linear_and_passthrough_recipes_pass_every_check() -> None:
     assert [m.parameters["weight"] for m in recipe.models or []] == [1.0, 0.3, 0.5]
     franken = parse_recipe(MERGEKIT_STYLE["passthrough"])
     assert franken.slices is not None
-    assert franken.slices[1].sources[0].model == ModelRef(path="Qwen/Qwen2-7B-Instruct", revision="main")
+    assert franken.slices[1].sources[0].model == ModelRef(
+        path="Qwen/Qwen2-7B-Instruct", revision="main"
+    )
     assert franken.slices[1].sources[0].layer_range == (8, 28)
 
 
@@ -246,8 +248,14 @@ def test_every_problem_is_reported_at_once() -> None:
     ("text", "expected"),
     [
         ("", "the recipe is empty"),
-        ("- a\n- b\n", "a recipe must be a mapping of keys (merge_method, models, ...); found a list"),
-        ("merge_method: linear\nmodels: [\n", "line 3, column 1: YAML syntax error: expected the node content, but found '<stream end>'"),
+        (
+            "- a\n- b\n",
+            "a recipe must be a mapping of keys (merge_method, models, ...); found a list",
+        ),
+        (
+            "merge_method: linear\nmodels: [\n",
+            "line 3, column 1: YAML syntax error: expected the node content, but found '<stream end>'",
+        ),
         ("a: !!python/object/apply:os.system ['echo hi']\n", "could not determine a constructor"),
     ],
 )

@@ -31,7 +31,11 @@ def test_gradient_values(setting: object, t: float, expected: object) -> None:
 
 
 def test_first_matching_filter_wins_and_may_be_a_gradient() -> None:
-    setting = [Condition(filter="self_attn", value=[0.0, 1.0]), Condition(filter="mlp", value=2.0), Condition(value=9.0)]
+    setting = [
+        Condition(filter="self_attn", value=[0.0, 1.0]),
+        Condition(filter="mlp", value=2.0),
+        Condition(value=9.0),
+    ]
     assert evaluate(setting, "model.layers.3.self_attn.q_proj.weight", 0.5) == 0.5
     assert evaluate(setting, "model.layers.3.mlp.up_proj.weight", 0.5) == 2.0
     assert evaluate(setting, "model.norm.weight", 0.5) == 9.0
@@ -47,9 +51,24 @@ def test_no_matching_filter_gives_none() -> None:
     [
         ("model.layers.12.self_attn.q_proj.weight", "model.layers", 12, "self_attn.q_proj.weight"),
         ("transformer.h.3.attn.c_attn.weight", "transformer.h", 3, "attn.c_attn.weight"),
-        ("gpt_neox.layers.0.mlp.dense_h_to_4h.bias", "gpt_neox.layers", 0, "mlp.dense_h_to_4h.bias"),
-        ("encoder.block.2.layer.1.DenseReluDense.wi.weight", "encoder.block", 2, "layer.1.DenseReluDense.wi.weight"),
-        ("bert.encoder.layer.5.output.dense.weight", "bert.encoder.layer", 5, "output.dense.weight"),
+        (
+            "gpt_neox.layers.0.mlp.dense_h_to_4h.bias",
+            "gpt_neox.layers",
+            0,
+            "mlp.dense_h_to_4h.bias",
+        ),
+        (
+            "encoder.block.2.layer.1.DenseReluDense.wi.weight",
+            "encoder.block",
+            2,
+            "layer.1.DenseReluDense.wi.weight",
+        ),
+        (
+            "bert.encoder.layer.5.output.dense.weight",
+            "bert.encoder.layer",
+            5,
+            "output.dense.weight",
+        ),
         ("blocks.7.ln.weight", "blocks", 7, "ln.weight"),
     ],
 )
@@ -60,7 +79,9 @@ def test_layer_names(name: str, stack: str, index: int, rest: str) -> None:
     assert split.with_index(index) == name
 
 
-@pytest.mark.parametrize("name", ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", "shared.weight"])
+@pytest.mark.parametrize(
+    "name", ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", "shared.weight"]
+)
 def test_non_layer_names(name: str) -> None:
     assert split_layer(name) is None
 
@@ -79,7 +100,13 @@ def test_layer_counts_per_stack() -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("1.5GiB", 3 * 2**29), ("123", 123), ("2 kb", 2000)],
+    [
+        ("5GB", 5 * 10**9),
+        ("500MB", 500 * 10**6),
+        ("1.5GiB", 3 * 2**29),
+        ("123", 123),
+        ("2 kb", 2000),
+    ],
 )
 def test_sizes(text: str, expected: int) -> None:
     assert parse_size(text) == expected

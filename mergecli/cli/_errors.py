@@ -8,12 +8,11 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
-from rich.console import Console
 
+from mergecli.cli._console import STDERR
 from mergecli.errors import Interrupted, MergecliError, RecipeError
 
 F = TypeVar("F", bound=Callable[..., Any])
-STDERR = Console(stderr=True, highlight=False, soft_wrap=True)
 REPORT_HINT = "this is a bug in mergecli; please report it with the command, the recipe and `mergecli -v ...` output"
 
 

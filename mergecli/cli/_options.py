@@ -14,5 +14,6 @@ ShardSizeOpt = Annotated[
     str, typer.Option("--shard-size", help="Largest output shard, with units: 5GB, 500MB, 2GiB.")
 ]
 SeedOpt = Annotated[
-    int | None, typer.Option("--seed", min=0, help="Seed for random methods (overrides the recipe's).")
+    int | None,
+    typer.Option("--seed", min=0, help="Seed for random methods (overrides the recipe's)."),
 ]

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mergecli import methods
+from mergecli.cli._console import stdout_console
 from mergecli.cli._errors import handle_errors
 from mergecli.cli._options import JsonOpt
 from mergecli.errors import UsageError
@@ -53,7 +54,9 @@ def _param_text(spec: MethodSpec) -> str:
 
 @handle_errors
 def methods_cmd(
-    name: Annotated[str | None, typer.Argument(help="Show one method in full.", show_default=False)] = None,
+    name: Annotated[
+        str | None, typer.Argument(help="Show one method in full.", show_default=False)
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List merge methods with parameters, defaults, base needs, data needs and papers.
@@ -64,7 +67,7 @@ def methods_cmd(
 
       mergecli methods linear --json
     """
-    console = Console(highlight=False)
+    console = stdout_console()
     if name is not None:
         spec = methods.get(name)
         if spec is None:
@@ -78,11 +81,22 @@ def methods_cmd(
     if as_json:
         print(json.dumps([method_to_dict(s) for s in specs], indent=2))
         return
-    table = Table("method", "parameters (default)", "base", "inputs", "data", "paper", title="merge methods")
+    table = Table(
+        "method", "parameters (default)", "base", "inputs", "data", "paper", title="merge methods"
+    )
     for spec in specs:
-        inputs = f"{spec.min_models}+" if spec.max_models is None else f"{spec.min_models}-{spec.max_models}"
+        inputs = (
+            f"{spec.min_models}+"
+            if spec.max_models is None
+            else f"{spec.min_models}-{spec.max_models}"
+        )
         table.add_row(
-            spec.name, _param_text(spec), "needed" if spec.needs_base else "-", inputs, spec.data, spec.paper
+            spec.name,
+            _param_text(spec),
+            "needed" if spec.needs_base else "-",
+            inputs,
+            spec.data,
+            spec.paper,
         )
     console.print(table)
 
@@ -94,7 +108,9 @@ def _show_one(console: Console, spec: MethodSpec, as_json: bool) -> None:
         return
     console.print(f"[bold]{spec.name}[/]: {spec.summary}")
     console.print(f"paper: {spec.paper or '-'}")
-    console.print(f"base model: {'needed' if spec.needs_base else 'not needed'}; data: {spec.data}; random: {'yes' if spec.random else 'no'}")
+    console.print(
+        f"base model: {'needed' if spec.needs_base else 'not needed'}; data: {spec.data}; random: {'yes' if spec.random else 'no'}"
+    )
     table = Table("parameter", "scope", "type", "default", "allowed", "description")
     for p in data["parameters"]:
         default = "required" if p["required"] else json.dumps(p["default"])

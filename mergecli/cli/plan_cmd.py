@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from mergecli.cli._common import plan_recipe
+from mergecli.cli._console import stdout_console
 from mergecli.cli._errors import handle_errors
 from mergecli.cli._options import JsonOpt, RecipeArg, SeedOpt, ShardSizeOpt
 from mergecli.io.dtypes import CODE_TO_NAME
@@ -49,14 +49,21 @@ def _tensor(plan: MergePlan, tensor: TensorPlan) -> dict[str, Any]:
         "layer": tensor.layer,
         "t": tensor.t,
         "inputs": [{"model": str(plan.refs[r.model]), "tensor": r.name} for r in tensor.inputs],
-        "base": None if tensor.base is None else {"model": str(plan.refs[tensor.base.model]), "tensor": tensor.base.name},
+        "base": None
+        if tensor.base is None
+        else {"model": str(plan.refs[tensor.base.model]), "tensor": tensor.base.name},
         "params": dict(tensor.params),
         "per_model": [dict(p) for p in tensor.per_model],
     }
 
 
 @handle_errors
-def plan(recipe: RecipeArg, as_json: JsonOpt = False, shard_size: ShardSizeOpt = "5GB", seed: SeedOpt = None) -> None:
+def plan(
+    recipe: RecipeArg,
+    as_json: JsonOpt = False,
+    shard_size: ShardSizeOpt = "5GB",
+    seed: SeedOpt = None,
+) -> None:
     """Show every output tensor with its method, inputs and resolved parameters.
 
     Also shows bytes to read and write, the shards, and predicted peak tensor memory.
@@ -71,15 +78,22 @@ def plan(recipe: RecipeArg, as_json: JsonOpt = False, shard_size: ShardSizeOpt =
     if as_json:
         print(json.dumps(data, indent=2))
         return
-    console = Console(highlight=False)
-    table = Table("tensor", "shape", "dtype", "op", "t", "inputs", "parameters", title=f"plan: {recipe}")
+    console = stdout_console()
+    table = Table(
+        "tensor", "shape", "dtype", "op", "t", "inputs", "parameters", title=f"plan: {recipe}"
+    )
     for row in data["tensors"]:
         params = {**row["params"]}
         if row["per_model"] and any(row["per_model"]):
             params["per_model"] = row["per_model"]
         table.add_row(
-            row["name"], "x".join(map(str, row["shape"])), row["dtype"], row["op"], f"{row['t']:.3g}",
-            ", ".join(i["model"] for i in row["inputs"]) + (f" (base {row['base']['model']})" if row["base"] else ""),
+            row["name"],
+            "x".join(map(str, row["shape"])),
+            row["dtype"],
+            row["op"],
+            f"{row['t']:.3g}",
+            ", ".join(i["model"] for i in row["inputs"])
+            + (f" (base {row['base']['model']})" if row["base"] else ""),
             json.dumps(params) if params else "",
         )
     console.print(table)

@@ -9,14 +9,17 @@ from typing import Annotated
 
 import typer
 import yaml
-from rich.console import Console
 from rich.table import Table
 
+from mergecli.cli._console import stdout_console
 from mergecli.cli._errors import handle_errors
 from mergecli.errors import NotFoundError, OutputError
 from mergecli.suggest import did_you_mean
 
-app = typer.Typer(help="Bundled example recipes (they run offline on the bundled tiny models).", no_args_is_help=True)
+app = typer.Typer(
+    help="Bundled example recipes (they run offline on the bundled tiny models).",
+    no_args_is_help=True,
+)
 
 
 def bundled_dir() -> Path:
@@ -64,7 +67,7 @@ def list_recipes() -> None:
     for name, path in _recipes().items():
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         table.add_row(name, str(data.get("merge_method", "?")), _title(path))
-    Console(highlight=False).print(table)
+    stdout_console().print(table)
 
 
 @app.command("show")
@@ -81,6 +84,7 @@ def show(name: Annotated[str, typer.Argument(help="Recipe name (see `recipes lis
 
 def localize(text: str, folder: Path) -> str:
     """Rewrite model paths relative to `folder` as absolute paths, so the copy runs anywhere."""
+
     def absolute(match: re.Match[str]) -> str:
         value = match.group(2)
         candidate = folder / value
@@ -106,6 +110,8 @@ def cp(
     source = _find(name)
     target = dest / source.name if dest.is_dir() else dest
     if target.exists():
-        raise OutputError(f"{target} already exists", hint="choose another destination or remove it")
+        raise OutputError(
+            f"{target} already exists", hint="choose another destination or remove it"
+        )
     target.write_text(localize(source.read_text(encoding="utf-8"), source.parent), encoding="utf-8")
     print(target)

@@ -14,7 +14,8 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 
 from mergecli.card import card_license
 from mergecli.cli._common import plan_recipe
-from mergecli.cli._errors import STDERR, handle_errors
+from mergecli.cli._console import STDERR
+from mergecli.cli._errors import handle_errors
 from mergecli.cli._options import JsonOpt, QuietOpt, RecipeArg, SeedOpt, ShardSizeOpt
 from mergecli.errors import UsageError
 from mergecli.execute import RunResult, run_plan
@@ -33,15 +34,25 @@ Examples:
 @handle_errors
 def run(
     recipe: RecipeArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (must not exist or be empty).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder (must not exist or be empty).")
+    ],
     shard_size: ShardSizeOpt = "5GB",
     seed: SeedOpt = None,
-    threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for the math.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and plan, write nothing.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, help="CPU threads for the math.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate and plan, write nothing.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output folder.")
+    ] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
-    progress: Annotated[bool, typer.Option("--progress", help="Show progress even when stderr is not a terminal.")] = False,
+    progress: Annotated[
+        bool, typer.Option("--progress", help="Show progress even when stderr is not a terminal.")
+    ] = False,
 ) -> None:
     """Merge the models of RECIPE into the folder OUT."""
     if threads is not None:
@@ -55,7 +66,9 @@ def run(
     if not quiet:
         _notes(plan)
     if dry_run:
-        STDERR.print(f"dry run: {len(plan.tensors)} tensors, {format_size(plan.total_bytes)} would be written to {out}")
+        STDERR.print(
+            f"dry run: {len(plan.tensors)} tensors, {format_size(plan.total_bytes)} would be written to {out}"
+        )
         return
     text = recipe.read_text(encoding="utf-8")
     show = not quiet and (progress or sys.stderr.isatty())

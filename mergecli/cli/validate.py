@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from mergecli.cli._common import plan_recipe
-from mergecli.cli._errors import STDERR, render_error
+from mergecli.cli._console import STDERR
+from mergecli.cli._errors import render_error
 from mergecli.errors import MergecliError
 
 
@@ -32,7 +33,9 @@ def validate(
             render_error(exc)
             failed += 1
             continue
-        print(f"ok: {path} ({plan.method.name}, {len(plan.models)} models, {len(plan.tensors)} tensors)")
+        print(
+            f"ok: {path} ({plan.method.name}, {len(plan.models)} models, {len(plan.tensors)} tensors)"
+        )
     if failed:
         STDERR.print(f"{failed} of {len(recipes)} recipe{'s' if len(recipes) != 1 else ''} invalid")
         raise typer.Exit(2)

@@ -57,7 +57,8 @@ def load_model_info(source: ModelSource) -> ModelInfo:
     files = set(source.files())
     if "config.json" not in files:
         raise NotFoundError(
-            f"{source.label}: no config.json", hint="point at a folder or repo of a transformers model"
+            f"{source.label}: no config.json",
+            hint="point at a folder or repo of a transformers model",
         )
     config = _read_json(source.local("config.json"), source.label)
     if SAFE_INDEX in files:
@@ -149,6 +150,8 @@ def _from_bin(source: ModelSource, files: set[str]) -> dict[str, TensorInfo]:
         for name, tensor in load_bin(source.local(filename), source.label).items():
             code = TORCH_TO_CODE.get(tensor.dtype)
             if code is None:
-                raise CorruptFileError(f"{source.label}: `{name}` has unsupported dtype {tensor.dtype}")
+                raise CorruptFileError(
+                    f"{source.label}: `{name}` has unsupported dtype {tensor.dtype}"
+                )
             tensors[name] = TensorInfo(name, filename, code, tuple(tensor.shape))
     return tensors

@@ -21,9 +21,7 @@ CODE_TO_TORCH: dict[str, torch.dtype] = {
 TORCH_TO_CODE = {v: k for k, v in CODE_TO_TORCH.items()}
 ITEMSIZE = {code: torch.empty((), dtype=dt).element_size() for code, dt in CODE_TO_TORCH.items()}
 NAME_TO_CODE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
-CODE_TO_NAME = {
-    code: str(dt).removeprefix("torch.") for code, dt in CODE_TO_TORCH.items()
-}
+CODE_TO_NAME = {code: str(dt).removeprefix("torch.") for code, dt in CODE_TO_TORCH.items()}
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
 

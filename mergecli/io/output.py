@@ -50,7 +50,9 @@ def start(out: Path) -> Path:
         work.mkdir()
         (work / MARKER).write_text("mergecli work folder; safe to delete\n")
     except OSError as exc:
-        raise OutputError(f"cannot create {work}: {exc.strerror}", hint="check permissions of the -o folder") from None
+        raise OutputError(
+            f"cannot create {work}: {exc.strerror}", hint="check permissions of the -o folder"
+        ) from None
     return work
 
 

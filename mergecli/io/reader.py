@@ -30,7 +30,9 @@ class TensorReader:
                     try:
                         self._handles[key] = safe_open(str(path), framework="pt")
                     except Exception as exc:
-                        raise CorruptFileError(f"{model.label}: cannot open {filename}: {exc}") from None
+                        raise CorruptFileError(
+                            f"{model.label}: cannot open {filename}: {exc}"
+                        ) from None
             return self._handles[key]
 
     def read(self, model: ModelInfo, name: str) -> torch.Tensor:
@@ -42,7 +44,9 @@ class TensorReader:
         try:
             return handle.get_tensor(name)  # type: ignore[no-any-return]
         except Exception as exc:
-            raise CorruptFileError(f"{model.label}: cannot read `{name}` from {info.file}: {exc}") from None
+            raise CorruptFileError(
+                f"{model.label}: cannot read `{name}` from {info.file}: {exc}"
+            ) from None
 
     def close(self) -> None:
         """Drop every open handle."""

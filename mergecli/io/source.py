@@ -52,7 +52,9 @@ class LocalSource:
 
     def files(self) -> list[str]:
         """Files below the folder, as relative POSIX paths."""
-        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+        return sorted(
+            p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()
+        )
 
     def local(self, filename: str) -> Path:
         """The file's path; NotFoundError when it is missing."""
@@ -70,7 +72,9 @@ def hub_cache_dir() -> Path:
     """The Hugging Face hub cache, honouring HF_HUB_CACHE and HF_HOME at call time."""
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"])
-    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.path.expanduser("~"), ".cache", "huggingface"
+    )
     return Path(home) / "hub"
 
 
@@ -105,7 +109,9 @@ class HubSource:
                 from huggingface_hub import HfApi
 
                 try:
-                    self._files = sorted(HfApi().list_repo_files(self.repo_id, revision=self.commit))
+                    self._files = sorted(
+                        HfApi().list_repo_files(self.repo_id, revision=self.commit)
+                    )
                 except Exception as exc:
                     raise _hub_error(self.label, exc) from None
         return self._files
@@ -161,12 +167,16 @@ def _hub_error(what: str, exc: Exception) -> NotFoundError:
         "once online, or unset HF_HUB_OFFLINE",
     }
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else kind
-    return NotFoundError(f"{what}: {first_line}", hint=hints.get(kind, "check the network and the repo id"))
+    return NotFoundError(
+        f"{what}: {first_line}", hint=hints.get(kind, "check the network and the repo id")
+    )
 
 
 def looks_local(path: str) -> bool:
     """True for references that can only be paths (./x, ../x, /x, ~/x, Windows drives)."""
-    return path.startswith(("/", "./", "../", "~", ".\\")) or bool(re.match(r"^[A-Za-z]:[\\/]", path))
+    return path.startswith(("/", "./", "../", "~", ".\\")) or bool(
+        re.match(r"^[A-Za-z]:[\\/]", path)
+    )
 
 
 def resolve_source(ref: ModelRef, recipe_dir: Path | None = None) -> ModelSource:

@@ -34,9 +34,7 @@ class TensorSlot:
 class ShardWriter:
     """Writes the output shards of a plan into `folder`."""
 
-    def __init__(
-        self, folder: Path, shard_names: Sequence[str], tensors: Sequence[Any]
-    ) -> None:
+    def __init__(self, folder: Path, shard_names: Sequence[str], tensors: Sequence[Any]) -> None:
         self.folder = folder
         self.shard_names = tuple(shard_names)
         self.slots: dict[str, TensorSlot] = {}
@@ -64,7 +62,9 @@ class ShardWriter:
             start = 8 + len(header)
             for tensor in members:
                 begin = entries[tensor.name]["data_offsets"][0]
-                self.slots[tensor.name] = TensorSlot(shard, start + begin, tensor.nbytes, tensor.dtype)
+                self.slots[tensor.name] = TensorSlot(
+                    shard, start + begin, tensor.nbytes, tensor.dtype
+                )
             self._headers.append(struct.pack("<Q", len(header)) + header)
             self._sizes.append(start + cursor)
 
@@ -93,7 +93,7 @@ class ShardWriter:
             raise ValueError(f"{name}: got {data.nbytes} bytes, planned {slot.nbytes}")
         if data.nbytes:
             try:
-                _pwrite_all(self._fds[slot.shard], memoryview(data), slot.offset)
+                _pwrite_all(self._fds[slot.shard], data.data, slot.offset)
             except OSError as exc:
                 raise _output_error(exc) from None
 
@@ -134,5 +134,11 @@ def _output_error(exc: OSError) -> OutputError:
     import errno
 
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return OutputError(f"disk full while writing the output ({exc.strerror})", hint="free space or choose another -o folder")
-    return OutputError(f"cannot write the output: {exc.strerror} ({exc.filename or ''})".strip(), hint="check permissions of the -o folder")
+        return OutputError(
+            f"disk full while writing the output ({exc.strerror})",
+            hint="free space or choose another -o folder",
+        )
+    return OutputError(
+        f"cannot write the output: {exc.strerror} ({exc.filename or ''})".strip(),
+        hint="check permissions of the -o folder",
+    )

@@ -25,9 +25,7 @@ SPEC = MethodSpec(
     summary="Weighted average of the models' tensors (model soup).",
     params=(
         ParamSpec("weight", "float", "model", "relative weight of this model", required=True),
-        ParamSpec(
-            "normalize", "bool", "global", "divide by the sum of the weights", default=True
-        ),
+        ParamSpec("normalize", "bool", "global", "divide by the sum of the weights", default=True),
     ),
     min_models=1,
     paper="https://arxiv.org/abs/2203.05482",

@@ -61,7 +61,9 @@ class ParamSpec:
             value <= self.minimum if self.exclusive_minimum else value < self.minimum
         )
         too_high = self.maximum is not None and value > self.maximum
-        return f"{value!r} is out of range; allowed: {self.allowed()}" if too_low or too_high else None
+        return (
+            f"{value!r} is out of range; allowed: {self.allowed()}" if too_low or too_high else None
+        )
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ Each check returns `Problem`s (never raises) so that every mistake is reported a
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from mergecli import methods
@@ -156,7 +156,10 @@ def _inputs(recipe: Recipe) -> list[tuple[str, list[tuple[str, InputModel | Inpu
     if recipe.models:
         return [("models", [(f"models[{i}]", m) for i, m in enumerate(recipe.models)])]
     return [
-        (f"slices[{i}].sources", [(f"slices[{i}].sources[{j}]", s) for j, s in enumerate(sl.sources)])
+        (
+            f"slices[{i}].sources",
+            [(f"slices[{i}].sources[{j}]", s) for j, s in enumerate(sl.sources)],
+        )
         for i, sl in enumerate(recipe.slices or [])
     ]
 
@@ -167,7 +170,7 @@ def _slice_base(recipe: Recipe, group: int) -> ModelRef | None:
     return recipe.base_model
 
 
-def _has_value(name: str, blocks: list[Mapping[str, Any] | None]) -> bool:
+def _has_value(name: str, blocks: Sequence[Mapping[str, Any] | None]) -> bool:
     return any(block is not None and name in block for block in blocks)
 
 
@@ -232,7 +235,9 @@ def _check_slice(i: int, out_slice: OutputSlice) -> Iterator[Problem]:
         start, end = source.layer_range
         path = f"slices[{i}].sources[{j}].layer_range"
         if start < 0:
-            yield Problem(path, f"layer_range [{start}, {end}] starts below 0", "layers count from 0")
+            yield Problem(
+                path, f"layer_range [{start}, {end}] starts below 0", "layers count from 0"
+            )
         elif end <= start:
             yield Problem(
                 path,

@@ -16,7 +16,15 @@ from mergecli.recipe.schema import Recipe
 from mergecli.suggest import closest
 
 MAX_RECIPE_BYTES = 1_000_000
-_OWN_ERRORS = {"bad_setting", "bad_model", "bad_dtype", "bad_range", "input_form", "tokenizer_form", "bad_tag"}
+_OWN_ERRORS = {
+    "bad_setting",
+    "bad_model",
+    "bad_dtype",
+    "bad_range",
+    "input_form",
+    "tokenizer_form",
+    "bad_tag",
+}
 
 
 def load_recipe(path: Path) -> Recipe:
@@ -35,7 +43,10 @@ def read_recipe_text(path: Path) -> str:
     if path.is_dir():
         raise fail(f"{path} is a directory, not a recipe file", "give the path of a .yaml file")
     if not path.exists():
-        raise fail(f"recipe file {path} does not exist", "check the path; `mergecli recipes list` shows bundled examples")
+        raise fail(
+            f"recipe file {path} does not exist",
+            "check the path; `mergecli recipes list` shows bundled examples",
+        )
     if not path.is_file():
         raise fail(f"{path} is not a regular file", "give the path of a .yaml file")
     size = path.stat().st_size
@@ -47,7 +58,9 @@ def read_recipe_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise fail(f"recipe is not UTF-8 text (byte {exc.start})", "save the file as UTF-8") from None
+        raise fail(
+            f"recipe is not UTF-8 text (byte {exc.start})", "save the file as UTF-8"
+        ) from None
 
 
 def parse_recipe(text: str, source: str = "") -> Recipe:
@@ -116,7 +129,9 @@ def _clean_loc(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
     for part in loc:
         text = str(part)
         if isinstance(part, str) and (
-            "[" in text or "function-" in text or text in {"ModelRef", "Condition"}
+            "[" in text
+            or "function-" in text
+            or text in {"ModelRef", "Condition"}
             or text.startswith(("list", "dict", "literal", "tuple", "str", "int", "float", "bool"))
         ):
             continue
@@ -132,7 +147,9 @@ def _problem_from_pydantic(error: Any) -> Problem:
         allowed = _fields_at(parent)
         match = closest(key, allowed)
         where = format_loc(parent) or "the top level"
-        message = f"unknown key `{key}` in {where}" + (f"; did you mean `{match}`?" if match else "")
+        message = f"unknown key `{key}` in {where}" + (
+            f"; did you mean `{match}`?" if match else ""
+        )
         hint = "allowed keys: " + ", ".join(allowed) if allowed else ""
         return Problem(format_loc(loc), message, hint)
     if kind == "missing" and loc:

@@ -8,7 +8,7 @@ registry (parameter names, ranges, required values) live in `mergecli.recipe.che
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
@@ -87,7 +87,9 @@ def _parse_dtype(raw: Any) -> Any:
     )
 
 
-DType = Annotated[Literal["float32", "float16", "bfloat16", "float64"], BeforeValidator(_parse_dtype)]
+DType = Annotated[
+    Literal["float32", "float16", "bfloat16", "float64"], BeforeValidator(_parse_dtype)
+]
 
 
 def _parse_layer_range(raw: Any) -> Any:
@@ -155,14 +157,14 @@ class ZeroTokenSource(_Frozen):
 class TokenEmbedding(_Frozen):
     """Where one token's embedding row comes from."""
 
-    source: Union[ZeroTokenSource, ModelTokenSource, ModelSpec, None] = None
+    source: ZeroTokenSource | ModelTokenSource | ModelSpec | None = None
     force: bool = False
 
 
 class TokenizerBlock(_Frozen):
     """mergekit's `tokenizer:` block."""
 
-    source: Union[Literal["union", "base"], ModelSpec] = "union"
+    source: Literal["union", "base"] | ModelSpec = "union"
     tokens: dict[str, TokenEmbedding] | None = None
     pad_to_multiple_of: int | None = Field(default=None, ge=1)
 
@@ -194,7 +196,7 @@ class Recipe(_Frozen):
     parameters: Parameters | None = None
     dtype: DType | None = None
     out_dtype: DType | None = None
-    tokenizer_source: Union[Literal["union", "base"], ModelSpec, None] = None
+    tokenizer_source: Literal["union", "base"] | ModelSpec | None = None
     tokenizer: TokenizerBlock | None = None
     chat_template: str | None = None
     post: PostSteps | None = None

@@ -8,15 +8,15 @@ layers, non-numeric lists pick the nearest-lower entry, and the first condition 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, StrictBool, StrictFloat, StrictInt
 from pydantic_core import PydanticCustomError
 
 from mergecli.suggest import did_you_mean
 
-Scalar = Union[StrictBool, StrictInt, StrictFloat, str]
-ScalarOrGradient = Union[Scalar, list[Scalar]]
+Scalar = StrictBool | StrictInt | StrictFloat | str
+ScalarOrGradient = Scalar | list[Scalar]
 
 
 class Condition(BaseModel):
@@ -49,7 +49,9 @@ def _check_condition(item: dict[Any, Any]) -> None:
             "bad_setting", "a filter condition needs a `value` (e.g. {filter: mlp, value: 0.5})"
         )
     value = item["value"]
-    if not (_is_scalar(value) or (isinstance(value, list) and value and all(map(_is_scalar, value)))):
+    if not (
+        _is_scalar(value) or (isinstance(value, list) and value and all(map(_is_scalar, value)))
+    ):
         raise PydanticCustomError(
             "bad_setting", "a condition's `value` must be a number, a string or a gradient list"
         )
@@ -84,7 +86,7 @@ def _check_setting(raw: Any) -> Any:
 
 
 Setting = Annotated[
-    Union[Scalar, list[Scalar], Condition, list[Condition]], BeforeValidator(_check_setting)
+    Scalar | list[Scalar] | Condition | list[Condition], BeforeValidator(_check_setting)
 ]
 Parameters = dict[str, Setting]
 
