@@ -160,8 +160,25 @@ def _write_side_files(plan: MergePlan, work: Path, writer: ShardWriter, recipe_t
             shutil.copyfile(tok_source.local(name), work / name)
     if plan.recipe.chat_template:
         _write_chat_template(work, plan.recipe.chat_template)
-    (work / "mergecli_recipe.yaml").write_text(recipe_text, encoding="utf-8")
+    (work / "mergecli_recipe.yaml").write_text(recipe_as_run(plan, recipe_text), encoding="utf-8")
     (work / "README.md").write_text(render_card(plan, recipe_text), encoding="utf-8")
+
+
+def recipe_as_run(plan: MergePlan, recipe_text: str) -> str:
+    """The recipe verbatim, plus comment lines pinning each Hub model to its commit."""
+    pins = [
+        f"#   {ref} -> {model.source.commit}"
+        for ref, model in zip(plan.refs, plan.models)
+        if not isinstance(model.source, LocalSource)
+    ]
+    if not pins:
+        return recipe_text
+    return (
+        recipe_text.rstrip("\n")
+        + "\n\n# Hub revisions resolved by mergecli:\n"
+        + "\n".join(pins)
+        + "\n"
+    )
 
 
 def _write_chat_template(work: Path, template: str) -> None:

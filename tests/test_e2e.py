@@ -368,6 +368,12 @@ def test_hub_model_from_the_offline_cache(
         assert_float32_close(merged[name], expected[name], expected.scale[name])
     manifest = read_json(tmp_path / "out" / "mergecli_manifest.json")
     assert manifest["inputs"][0] == {"ref": "org/tiny-a@v1", "commit": commit}  # type: ignore[index]
+    as_run = (tmp_path / "out" / "mergecli_recipe.yaml").read_text()
+    assert (
+        as_run
+        == recipe.read_text()
+        + f"\n# Hub revisions resolved by mergecli:\n#   org/tiny-a@v1 -> {commit}\n"
+    )
     card = (tmp_path / "out" / "README.md").read_text()
     assert yaml.safe_load(card.split("---")[1])["base_model"] == ["org/tiny-a"]
     assert f"| `org/tiny-a` | {commit} | input |" in card
@@ -466,3 +472,75 @@ def test_nan_in_an_input_names_tensor_and_model(
     assert code == 4
     assert f"tensor `model.norm.weight` of {folder} holds 1 NaN/Inf values" in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_online_hub_path_with_a_mocked_transport(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Online: the revision is resolved to a commit, and only the files read are downloaded."""
+    import shutil
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    commit = "fedcba9876543210fedcba9876543210fedcba98"
+    downloaded: list[str] = []
+    asked: list[tuple[str, str | None]] = []
+
+    def model_info(self: object, repo_id: str, revision: str | None = None) -> SimpleNamespace:
+        asked.append((repo_id, revision))
+        return SimpleNamespace(sha=commit)
+
+    def list_repo_files(self: object, repo_id: str, revision: str | None = None) -> list[str]:
+        assert revision == commit
+        return [*sorted(p.name for p in family["b"].iterdir()), "original/consolidated.pth"]
+
+    def hf_hub_download(
+        repo_id: str, filename: str, revision: str, cache_dir: Path, local_files_only: bool
+    ) -> str:
+        assert (revision, local_files_only) == (commit, False)
+        downloaded.append(filename)
+        target = tmp_path / "dl" / filename
+        target.parent.mkdir(exist_ok=True)
+        shutil.copyfile(family["b"] / filename, target)
+        return str(target)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+
+    def get_safetensors_metadata(repo_id: str, revision: str) -> SimpleNamespace:
+        assert revision == commit
+        raw = (family["b"] / "model.safetensors").read_bytes()
+        header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+        metadata = header.pop("__metadata__", {})
+        tensors = {
+            k: SimpleNamespace(
+                dtype=v["dtype"], shape=v["shape"], data_offsets=tuple(v["data_offsets"])
+            )
+            for k, v in header.items()
+        }
+        return SimpleNamespace(
+            files_metadata={
+                "model.safetensors": SimpleNamespace(metadata=metadata, tensors=tensors)
+            }
+        )
+
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", get_safetensors_metadata)
+    recipe = write(
+        tmp_path / "r.yaml",
+        f"merge_method: linear\nmodels:\n  - model: {family['a']}\n    parameters: {{weight: 1}}\n"
+        "  - model: org/tiny-b@release\n    parameters: {weight: 1}\n",
+    )
+    code, _, err = invoke(runner, "validate", str(recipe))
+    assert code == 0, err
+    assert asked == [("org/tiny-b", "release")]
+    assert downloaded == ["config.json"]  # validation reads configs and headers, no weights
+    code, _, err = invoke(runner, "run", str(recipe), "-o", str(tmp_path / "out"))
+    assert code == 0, err
+    assert "original/consolidated.pth" not in downloaded and "model.safetensors" in downloaded
+    expected = linear64([family["a"], family["b"]], [1.0, 1.0])
+    merged = state(tmp_path / "out")
+    for name in expected:
+        assert_float32_close(merged[name], expected[name], expected.scale[name])
