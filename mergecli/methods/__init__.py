@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from mergecli.methods import linear, passthrough
+from mergecli.methods import interpolate, linear, passthrough, task_vectors
 from mergecli.methods.spec import MergeArgs, MethodFn, MethodSpec, ParamSpec
 
-REGISTRY: dict[str, MethodSpec] = {spec.name: spec for spec in (linear.SPEC, passthrough.SPEC)}
+REGISTRY: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (linear.SPEC, passthrough.SPEC, *task_vectors.SPECS, *interpolate.SPECS)
+}
 
 
 def get(name: str) -> MethodSpec | None:

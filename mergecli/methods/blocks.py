@@ -1,0 +1,110 @@
+"""Building blocks shared by the task-vector methods: sparsification, sign election,
+disjoint merge, and per-tensor random generators.
+
+Top-k is exact: `keep_count` entries are kept, chosen by magnitude with a threshold from
+`torch.kthvalue` (no full sort); entries tied at the threshold are kept in order of their
+flat index (lowest first), so the result is deterministic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+import torch
+
+
+def keep_count(numel: int, density: float) -> int:
+    """floor(density * n) (up to float noise), at least 1 when density > 0, at most n."""
+    if density <= 0 or numel == 0:
+        return 0
+    return min(numel, max(1, math.floor(density * numel + 1e-9)))
+
+
+def top_k_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of exactly `k` largest entries of `magnitude` (ties: lowest index first)."""
+    flat = magnitude.reshape(-1)
+    n = flat.numel()
+    if k >= n:
+        return torch.ones_like(magnitude, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(magnitude, dtype=torch.bool)
+    threshold = torch.kthvalue(flat, n - k + 1).values
+    mask = flat > threshold
+    missing = k - int(mask.sum())
+    if missing > 0:
+        tied = torch.nonzero(flat == threshold).reshape(-1)[:missing]
+        mask[tied] = True
+    return mask.reshape(magnitude.shape)
+
+
+def magnitude_sparsify(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES trim: keep the `keep_count` entries of largest magnitude, zero the rest."""
+    if density >= 1:
+        return delta
+    return delta * top_k_mask(delta.abs(), keep_count(delta.numel(), density))
+
+
+def rescale_l1(original: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Scale `kept` so its L1 norm equals `original`'s (unchanged when either is ~0)."""
+    before, after = float(original.abs().sum()), float(kept.abs().sum())
+    return kept * (before / after) if before >= 1e-8 and after >= 1e-8 else kept
+
+
+def dare_drop(
+    delta: torch.Tensor, density: float, generator: torch.Generator, rescale: bool, mode: str
+) -> torch.Tensor:
+    """DARE: keep each entry with probability `density`; rescale by L1 norm or by 1/density."""
+    if density >= 1:
+        return delta
+    keep = torch.rand(delta.shape, generator=generator, dtype=torch.float64) < density
+    kept = delta * keep
+    if not rescale:
+        return kept
+    return rescale_l1(delta, kept) if mode == "l1" else kept / density
+
+
+def breadcrumbs_mask(magnitude: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Drop the `gamma` fraction of largest entries, then the smallest, keeping `density`.
+
+    With floor(gamma n) = 0 nothing is dropped from the top (mergekit zeroes the whole
+    tensor there; that is a bug we do not copy).
+    """
+    n = magnitude.numel()
+    target = keep_count(n, density) if density < 1 else n
+    n_top = math.floor(gamma * n + 1e-9)
+    n_top = min(n_top, n - target)
+    keep_upto = top_k_mask(magnitude, target + n_top)
+    drop_top = top_k_mask(magnitude, n_top)
+    return keep_upto & ~drop_top
+
+
+def elect_sign(weighted: torch.Tensor) -> torch.Tensor:
+    """Majority sign of the summed (weighted) deltas along dim 0: +1 where the sum is >= 0."""
+    return torch.where(weighted.sum(0) >= 0, 1.0, -1.0).to(weighted.dtype)
+
+
+def disjoint_merge(weighted: torch.Tensor, weights: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Sum the entries agreeing with the elected sign; divide by their weights if `normalize`.
+
+    `weighted` is stacked w_i * d_i (dim 0 over models); `weights` broadcasts against it.
+    Entries that are exactly zero agree with no sign and count in neither sum.
+    """
+    agree = torch.sign(weighted) == elect_sign(weighted)
+    merged = (weighted * agree).sum(0)
+    if not normalize:
+        return merged
+    divisor = (weights * agree).sum(0)
+    return merged / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+
+
+def stack_weights(weights: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """Per-model weights shaped to broadcast over stacked tensors like `like`."""
+    return torch.tensor(weights, dtype=like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def generator_for(seed: int, tensor_name: str, model_index: int = 0) -> torch.Generator:
+    """A generator seeded from the run seed, the output tensor's name and the model index."""
+    digest = hashlib.sha256(f"{seed}\0{tensor_name}\0{model_index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))

@@ -1,0 +1,123 @@
+"""Two-model interpolation (slerp, nearswap) and Model Stock."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mergecli.methods.spec import MergeArgs, MethodSpec, ParamSpec
+
+PARALLEL = 0.9995
+
+
+def slerp(args: MergeArgs) -> torch.Tensor:
+    """Spherical interpolation from the base A (t=0) to the other model C (t=1).
+
+    cos = <A/|A|, C/|C|> of the flattened tensors; nearly (anti)parallel tensors
+    (|cos| > 0.9995) and zero tensors fall back to linear interpolation.
+    """
+    assert args.base is not None
+    a, c, t = args.base, args.tensors[0], float(args.params["t"])
+    norm_a, norm_c = float(a.norm()), float(c.norm())
+    if norm_a == 0 or norm_c == 0:
+        return (1 - t) * a + t * c
+    cos = float((a.reshape(-1) @ c.reshape(-1)) / (norm_a * norm_c))
+    if abs(cos) > PARALLEL:
+        return (1 - t) * a + t * c
+    theta = math.acos(max(-1.0, min(1.0, cos)))
+    sin_theta = math.sin(theta)
+    return (math.sin((1 - t) * theta) / sin_theta) * a + (math.sin(t * theta) / sin_theta) * c
+
+
+def nearswap(args: MergeArgs) -> torch.Tensor:
+    """Move the base A towards C where they are close: w = clamp(t / max(|A - C|, 1e-6), 0, 1)."""
+    assert args.base is not None
+    a, c, t = args.base, args.tensors[0], float(args.params["t"])
+    diff = c - a
+    weight = (t / diff.abs().clamp(min=1e-6)).clamp(0, 1)
+    return a + weight * diff
+
+
+def _cosines(deltas: list[torch.Tensor], dim: int | None) -> torch.Tensor:
+    """Mean pairwise cosine similarity (whole tensor, or per row with dim=-1)."""
+    flat = [d.reshape(-1) if dim is None else d.reshape(d.shape[0], -1) for d in deltas]
+    sims = []
+    for i in range(len(flat)):
+        for j in range(i + 1, len(flat)):
+            sims.append(torch.nn.functional.cosine_similarity(flat[i], flat[j], dim=-1, eps=1e-8))
+    return torch.stack(sims).mean(0)
+
+
+def model_stock(args: MergeArgs) -> torch.Tensor:
+    """t = n c / (1 + (n - 1) c) from the mean pairwise cosine c of the task vectors;
+    result t * mean(W_i) + (1 - t) * B (t = 0 where the denominator is ~0)."""
+    assert args.base is not None
+    n = len(args.tensors)
+    deltas = [w - args.base for w in args.tensors]
+    row_wise = bool(args.params["filter_wise"]) and args.base.dim() >= 2
+    cos = _cosines(deltas, -1 if row_wise else None)
+    denominator = 1 + (n - 1) * cos
+    t = torch.where(denominator.abs() < 1e-8, torch.zeros_like(cos), n * cos / denominator)
+    if row_wise:
+        t = t.reshape(-1, *([1] * (args.base.dim() - 1)))
+    mean = torch.stack(list(args.tensors)).mean(0)
+    return t * mean + (1 - t) * args.base
+
+
+T_PARAM = ParamSpec(
+    "t",
+    "float",
+    "global",
+    "interpolation factor: 0 gives the base, 1 the other model",
+    required=True,
+)
+
+SPECS = (
+    MethodSpec(
+        "slerp",
+        slerp,
+        "Spherical linear interpolation between the base and one other model.",
+        (T_PARAM,),
+        needs_base=True,
+        min_models=1,
+        max_models=1,
+        paper="https://dl.acm.org/doi/10.1145/325165.325242",
+    ),
+    MethodSpec(
+        "nearswap",
+        nearswap,
+        "Take the other model's values where they are within t of the base.",
+        (
+            ParamSpec(
+                "t",
+                "float",
+                "global",
+                "distance below which values move to the other model",
+                required=True,
+                minimum=0.0,
+            ),
+        ),
+        needs_base=True,
+        min_models=1,
+        max_models=1,
+        paper="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+    ),
+    MethodSpec(
+        "model_stock",
+        model_stock,
+        "Interpolate the average towards the base by the task vectors' angle.",
+        (
+            ParamSpec(
+                "filter_wise",
+                "bool",
+                "global",
+                "compute the angle per row instead of per tensor",
+                default=False,
+            ),
+        ),
+        needs_base=True,
+        min_models=2,
+        paper="https://arxiv.org/abs/2403.19522",
+    ),
+)

@@ -1,0 +1,187 @@
+"""Task-vector methods: task arithmetic, TIES, DARE, breadcrumbs.
+
+Each method is: d_i = W_i - B; sparsify each d_i; weight; combine (a plain weighted sum,
+or TIES sign election with a disjoint merge); result B + lambda * m.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from mergecli.methods.blocks import (
+    breadcrumbs_mask,
+    dare_drop,
+    disjoint_merge,
+    generator_for,
+    magnitude_sparsify,
+    stack_weights,
+)
+from mergecli.methods.spec import MergeArgs, MethodSpec, ParamSpec
+
+Sparsify = Callable[[MergeArgs, int, torch.Tensor], torch.Tensor]
+
+
+def _deltas(args: MergeArgs) -> list[torch.Tensor]:
+    assert args.base is not None, "task-vector methods need a base"
+    return [t - args.base for t in args.tensors]
+
+
+def _combine(args: MergeArgs, deltas: list[torch.Tensor], elect: bool) -> torch.Tensor:
+    assert args.base is not None
+    weights = [float(p["weight"]) for p in args.per_model]
+    normalize = bool(args.params["normalize"])
+    if elect:
+        stacked = torch.stack(deltas)
+        w = stack_weights(weights, stacked)
+        merged = disjoint_merge(stacked * w, w, normalize)
+    else:
+        merged = torch.zeros_like(args.base)
+        for weight, delta in zip(weights, deltas):
+            merged.add_(delta, alpha=weight)
+        total = sum(weights)
+        if normalize and total != 0:
+            merged.div_(total)
+    return args.base + float(args.params["lambda"]) * merged
+
+
+def _no_sparsify(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
+    return delta
+
+
+def _magnitude(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
+    return magnitude_sparsify(delta, float(args.per_model[i]["density"]))
+
+
+def _dare(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
+    density = float(args.per_model[i]["density"])
+    generator = generator_for(args.seed, args.name, i)
+    return dare_drop(
+        delta, density, generator, bool(args.params["rescale"]), str(args.params["rescale_mode"])
+    )
+
+
+def _breadcrumbs(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
+    density = float(args.per_model[i]["density"])
+    return delta * breadcrumbs_mask(delta.abs(), density, float(args.params["gamma"]))
+
+
+def _method(sparsify: Sparsify, elect: bool) -> Callable[[MergeArgs], torch.Tensor]:
+    def merge(args: MergeArgs) -> torch.Tensor:
+        deltas = [sparsify(args, i, d) for i, d in enumerate(_deltas(args))]
+        return _combine(args, deltas, elect)
+
+    return merge
+
+
+task_arithmetic = _method(_no_sparsify, elect=False)
+ties = _method(_magnitude, elect=True)
+dare_linear = _method(_dare, elect=False)
+dare_ties = _method(_dare, elect=True)
+breadcrumbs = _method(_breadcrumbs, elect=False)
+breadcrumbs_ties = _method(_breadcrumbs, elect=True)
+
+WEIGHT = ParamSpec("weight", "float", "model", "weight of this model's task vector", required=True)
+DENSITY = ParamSpec(
+    "density",
+    "float",
+    "model",
+    "fraction of the task vector kept",
+    default=1.0,
+    minimum=0.0,
+    maximum=1.0,
+)
+LAMBDA = ParamSpec("lambda", "float", "global", "scale of the merged task vector", default=1.0)
+GAMMA = ParamSpec(
+    "gamma",
+    "float",
+    "global",
+    "fraction of largest-magnitude entries dropped",
+    default=0.01,
+    minimum=0.0,
+    maximum=1.0,
+)
+RESCALE = ParamSpec(
+    "rescale", "bool", "global", "rescale kept entries after the random drop", default=True
+)
+RESCALE_MODE = ParamSpec(
+    "rescale_mode",
+    "str",
+    "global",
+    "l1: keep each task vector's L1 norm (mergekit); inverse_density: divide by density (paper)",
+    default="l1",
+    choices=("l1", "inverse_density"),
+)
+INT8_MASK = ParamSpec(
+    "int8_mask",
+    "bool",
+    "global",
+    "accepted for mergekit recipes; a memory detail, no effect",
+    default=False,
+)
+
+
+def _normalize(default: bool) -> ParamSpec:
+    return ParamSpec(
+        "normalize", "bool", "global", "divide by the (agreeing) weights' sum", default=default
+    )
+
+
+TA_PAPER = "https://arxiv.org/abs/2212.04089"
+TIES_PAPER = "https://arxiv.org/abs/2306.01708"
+DARE_PAPER = "https://arxiv.org/abs/2311.03099"
+BREADCRUMBS_PAPER = "https://arxiv.org/abs/2312.06795"
+
+SPECS = (
+    MethodSpec(
+        "task_arithmetic",
+        task_arithmetic,
+        "Base plus the weighted sum of task vectors.",
+        (WEIGHT, LAMBDA, _normalize(False)),
+        needs_base=True,
+        paper=TA_PAPER,
+    ),
+    MethodSpec(
+        "ties",
+        ties,
+        "Trim task vectors by magnitude, elect signs, merge the agreeing entries.",
+        (WEIGHT, DENSITY, LAMBDA, _normalize(True), INT8_MASK),
+        needs_base=True,
+        paper=TIES_PAPER,
+    ),
+    MethodSpec(
+        "dare_linear",
+        dare_linear,
+        "Randomly drop task-vector entries and rescale, then add.",
+        (WEIGHT, DENSITY, LAMBDA, _normalize(False), RESCALE, RESCALE_MODE, INT8_MASK),
+        needs_base=True,
+        random=True,
+        paper=DARE_PAPER,
+    ),
+    MethodSpec(
+        "dare_ties",
+        dare_ties,
+        "DARE drop and rescale, then TIES sign election and disjoint merge.",
+        (WEIGHT, DENSITY, LAMBDA, _normalize(False), RESCALE, RESCALE_MODE, INT8_MASK),
+        needs_base=True,
+        random=True,
+        paper=DARE_PAPER,
+    ),
+    MethodSpec(
+        "breadcrumbs",
+        breadcrumbs,
+        "Drop the largest outliers and the smallest entries, then add.",
+        (WEIGHT, DENSITY, GAMMA, LAMBDA, _normalize(False)),
+        needs_base=True,
+        paper=BREADCRUMBS_PAPER,
+    ),
+    MethodSpec(
+        "breadcrumbs_ties",
+        breadcrumbs_ties,
+        "Breadcrumbs mask, then TIES sign election and disjoint merge.",
+        (WEIGHT, DENSITY, GAMMA, LAMBDA, _normalize(False), INT8_MASK),
+        needs_base=True,
+        paper=BREADCRUMBS_PAPER,
+    ),
+)
