@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import invoke, write
 from typer.testing import CliRunner
 
+from conftest import invoke, write
 from mergecli import __version__, methods
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

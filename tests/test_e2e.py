@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import hub_cache_model, invoke, read_json, write
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
+
+from conftest import hub_cache_model, invoke, read_json, write
 
 
 def state(folder: Path) -> dict[str, torch.Tensor]:

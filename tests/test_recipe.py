@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from mergecli import methods
 from mergecli.errors import RecipeError
 from mergecli.recipe import parse_recipe
 from mergecli.recipe.schema import ModelRef, Recipe
@@ -150,7 +151,7 @@ BASE = "merge_method: linear\nmodels:\n  - model: a/b\n    parameters: {weight: 
         (
             "merge_method: linaer\nmodels:\n  - model: a/b\n",
             "merge_method: unknown merge method `linaer`\n    hint: did you mean `linear`? "
-            "`mergecli methods` lists them: linear, passthrough",
+            "`mergecli methods` lists them: " + ", ".join(methods.names()),
         ),
         (
             BASE + "parameters: {normalize: 3}\n",

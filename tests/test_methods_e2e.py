@@ -1,0 +1,200 @@
+"""One recipe per method over tiny real checkpoints, checked against float64 math."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import invoke, write
+
+NAMES = [
+    "model.layers.1.self_attn.q_proj.weight",
+    "model.layers.2.mlp.down_proj.weight",
+    "model.norm.weight",
+]
+
+
+def load(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def merged(runner: CliRunner, tmp_path: Path, text: str, *extra: str) -> dict[str, torch.Tensor]:
+    recipe = write(tmp_path / "r.yaml", text)
+    out = tmp_path / "out"
+    code, _, err = invoke(runner, "run", str(recipe), "-o", str(out), "--quiet", *extra)
+    assert code == 0, err
+    return load(out)
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, scale: float = 1.0) -> None:
+    """float32 result within a few float32 roundings of the float64 result."""
+    assert actual.dtype == torch.float32
+    tol = 8 * torch.finfo(torch.float32).eps * scale
+    assert (actual.double() - expected).abs().max() <= tol, (actual.double() - expected).abs().max()
+
+
+def trimmed(delta: torch.Tensor, density: float) -> torch.Tensor:
+    flat = delta.reshape(-1)
+    k = max(1, math.floor(density * flat.numel() + 1e-9))
+    order = sorted(range(flat.numel()), key=lambda i: (-abs(float(flat[i])), i))
+    out = torch.zeros_like(flat)
+    out[order[:k]] = flat[order[:k]]
+    return out.reshape(delta.shape)
+
+
+def test_task_arithmetic_e2e(family: dict[str, Path], tmp_path: Path, runner: CliRunner) -> None:
+    got = merged(
+        runner,
+        tmp_path,
+        f"merge_method: task_arithmetic\nbase_model: {family['base']}\nparameters: {{lambda: 0.9}}\nmodels:\n"
+        f"  - model: {family['a']}\n    parameters: {{weight: 0.7}}\n  - model: {family['b']}\n    parameters: {{weight: -0.3}}\n",
+    )
+    b, a, c = (load(family[k]) for k in ("base", "a", "b"))
+    for name in NAMES:
+        expected = b[name].double() + 0.9 * (
+            0.7 * (a[name].double() - b[name].double())
+            - 0.3 * (c[name].double() - b[name].double())
+        )
+        close(got[name], expected, float(b[name].abs().max()) + 1)
+
+
+def test_ties_e2e_base_listed_among_models(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
+    got = merged(
+        runner,
+        tmp_path,
+        f"merge_method: ties\nbase_model: {family['base']}\nmodels:\n  - model: {family['base']}\n"
+        f"  - model: {family['a']}\n    parameters: {{weight: 1.0, density: 0.4}}\n"
+        f"  - model: {family['b']}\n    parameters: {{weight: 0.5, density: 0.6}}\n",
+    )
+    b, a, c = (load(family[k]) for k in ("base", "a", "b"))
+    for name in NAMES:
+        base = b[name].double()
+        e = [
+            1.0 * trimmed(a[name].double() - base, 0.4),
+            0.5 * trimmed(c[name].double() - base, 0.6),
+        ]
+        sign = torch.where(e[0] + e[1] >= 0, 1.0, -1.0).double()
+        agree = [torch.sign(x) == sign for x in e]
+        num = sum(x * m for x, m in zip(e, agree))
+        den = sum(w * m.double() for w, m in zip([1.0, 0.5], agree))
+        expected = base + num / torch.where(den == 0, 1.0, den)
+        close(got[name], expected, float(base.abs().max()) + 1)
+
+
+def test_slerp_e2e_with_gradients(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
+    got = merged(
+        runner,
+        tmp_path,
+        f"merge_method: slerp\nbase_model: {family['a']}\nslices:\n  - sources:\n"
+        f"      - model: {family['a']}\n        layer_range: [0, 3]\n      - model: {family['b']}\n        layer_range: [0, 3]\n"
+        "parameters:\n  t:\n    - filter: mlp\n      value: [0.0, 1.0]\n    - value: 0.25\n",
+    )
+    a, c = load(family["a"]), load(family["b"])
+    for name, t in [
+        (NAMES[0], 0.25),
+        (NAMES[1], 1.0),
+        ("model.layers.1.mlp.up_proj.weight", 0.5),
+        ("model.norm.weight", 0.25),
+    ]:
+        x, y = a[name].double(), c[name].double()
+        cos = float((x.reshape(-1) @ y.reshape(-1)) / (x.norm() * y.norm()))
+        theta = math.acos(cos)
+        expected = (math.sin((1 - t) * theta) * x + math.sin(t * theta) * y) / math.sin(theta)
+        close(got[name], expected, float(x.abs().max() + y.abs().max()))
+
+
+def test_dare_ties_is_byte_identical_per_seed(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
+    text = (
+        f"merge_method: dare_ties\nbase_model: {family['base']}\nseed: 5\nmodels:\n"
+        f"  - model: {family['a']}\n    parameters: {{weight: 1.0, density: 0.5}}\n"
+        f"  - model: {family['b']}\n    parameters: {{weight: 1.0, density: 0.5}}\n"
+    )
+    write(tmp_path / "r.yaml", text)
+    outs = []
+    for i, threads in enumerate(["1", "2"]):
+        out = tmp_path / f"o{i}"
+        code, _, err = invoke(
+            runner, "run", str(tmp_path / "r.yaml"), "-o", str(out), "--quiet", "--threads", threads
+        )
+        assert code == 0, err
+        outs.append((out / "model.safetensors").read_bytes())
+    assert outs[0] == outs[1]
+    code, _, _ = invoke(
+        runner,
+        "run",
+        str(tmp_path / "r.yaml"),
+        "-o",
+        str(tmp_path / "o2"),
+        "--quiet",
+        "--seed",
+        "6",
+    )
+    assert code == 0 and (tmp_path / "o2" / "model.safetensors").read_bytes() != outs[0]
+    card = (tmp_path / "o0" / "README.md").read_text()
+    assert "- Seed: 5" in card
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("nearswap", "parameters: {t: 0.01}\n"),
+        ("model_stock", ""),
+        ("breadcrumbs", "parameters: {gamma: 0.05}\n"),
+    ],
+)
+def test_other_methods_run_and_load(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner, method: str, params: str
+) -> None:
+    needs_two = method == "nearswap"
+    models = [family["a"]] if needs_two else [family["a"], family["b"]]
+    weights = "" if method != "breadcrumbs" else "\n    parameters: {weight: 1.0, density: 0.5}"
+    text = f"merge_method: {method}\nbase_model: {family['base']}\n{params}models:\n" + "".join(
+        f"  - model: {m}{weights}\n" for m in models
+    )
+    got = merged(runner, tmp_path, text)
+    b, a = load(family["base"]), load(family["a"])
+    name = NAMES[0]
+    if method == "nearswap":
+        x, y = b[name].double(), a[name].double()
+        w = (0.01 / (x - y).abs().clamp(min=1e-6)).clamp(0, 1)
+        close(got[name], x + w * (y - x), 1.0)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_missing_base_and_too_many_models(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
+    recipe = write(
+        tmp_path / "r.yaml",
+        f"merge_method: slerp\nparameters: {{t: 0.5}}\nmodels:\n  - model: {family['a']}\n  - model: {family['b']}\n",
+    )
+    code, _, err = invoke(runner, "validate", str(recipe))
+    assert code == 2
+    assert (
+        "base_model: method `slerp` needs a `base_model` (task vectors are taken against it)" in err
+    )
+    assert "models: method `slerp` got 2 models besides the base" in err  # both problems at once
+    recipe = write(
+        tmp_path / "r.yaml",
+        f"merge_method: slerp\nbase_model: {family['base']}\nparameters: {{t: 0.5}}\nmodels:\n  - model: {family['a']}\n  - model: {family['b']}\n",
+    )
+    code, _, err = invoke(runner, "validate", str(recipe))
+    assert (
+        code == 2
+        and "models: method `slerp` got 2 models besides the base\n      hint: it takes exactly 1"
+        in err
+    )
