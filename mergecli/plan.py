@@ -434,7 +434,7 @@ class _Builder:
         if template_info is None:
             return []
         shape = template_info.shape
-        use_base = self.spec.needs_base and group.base is not None
+        use_base = self.spec.uses_base and group.base is not None
         picked = [
             (s, n) for s, n in zip(group.sources, names) if not (use_base and s.model == group.base)
         ]
@@ -535,6 +535,12 @@ class _Builder:
                     )
                 values[spec.name] = value
             per_model.append(values)
+            if ok and self.spec.check is not None:
+                message = self.spec.check(params, values)
+                problem = Problem(f"{source.where}.parameters", message or "", "")
+                if message and problem not in self.problems:
+                    self.problems.append(problem)
+                ok = ok and not message
         return (params, tuple(per_model)) if ok else (None, None)
 
     # config -----------------------------------------------------------------

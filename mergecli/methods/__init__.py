@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from mergecli.methods import interpolate, linear, passthrough, task_vectors
+from mergecli.methods import interpolate, linear, passthrough, sphere, task_vectors
 from mergecli.methods.spec import MergeArgs, MethodFn, MethodSpec, ParamSpec
 
 REGISTRY: dict[str, MethodSpec] = {
     spec.name: spec
-    for spec in (linear.SPEC, passthrough.SPEC, *task_vectors.SPECS, *interpolate.SPECS)
+    for spec in (
+        linear.SPEC,
+        passthrough.SPEC,
+        *task_vectors.SPECS,
+        *interpolate.SPECS,
+        *sphere.SPECS,
+    )
 }
 
 

@@ -108,3 +108,39 @@ def generator_for(seed: int, tensor_name: str, model_index: int = 0) -> torch.Ge
     """A generator seeded from the run seed, the output tensor's name and the model index."""
     digest = hashlib.sha256(f"{seed}\0{tensor_name}\0{model_index}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def magprune(
+    delta: torch.Tensor,
+    density: float,
+    epsilon: float,
+    generator: torch.Generator,
+    rescale: bool,
+    mode: str,
+) -> torch.Tensor:
+    """DELLA MagPrune: per row, keep an entry with probability (k - eps) + 2 eps * rank / (m - 1)
+    (rank 0 for the smallest magnitude, ties by index); rescale by L1 norm or by 1/p per entry."""
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(-1, delta.shape[-1])
+    m = rows.shape[-1]
+    order = torch.argsort(rows.abs(), dim=-1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(m).expand_as(order))
+    spread = ranks.to(rows.dtype) / (m - 1) if m > 1 else torch.zeros_like(rows)
+    probs = (density - epsilon) + 2 * epsilon * spread
+    keep = torch.rand(rows.shape, generator=generator, dtype=torch.float64) < probs
+    kept = rows * keep
+    if rescale:
+        kept = rescale_l1(rows, kept) if mode == "l1" else kept / probs
+    return kept.reshape(delta.shape)
+
+
+def exact_quantile(values: torch.Tensor, q: float) -> float:
+    """The q-quantile with linear interpolation (numpy's default), by selection, not sorting."""
+    flat = values.reshape(-1)
+    position = q * (flat.numel() - 1)
+    low = math.floor(position)
+    a = float(torch.kthvalue(flat, low + 1).values)
+    if position == low:
+        return a
+    b = float(torch.kthvalue(flat, low + 2).values)
+    return a + (position - low) * (b - a)

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from mergecli.methods.blocks import exact_quantile
 from mergecli.methods.spec import MergeArgs, MethodSpec, ParamSpec
 
 PARALLEL = 0.9995
@@ -37,6 +38,21 @@ def nearswap(args: MergeArgs) -> torch.Tensor:
     diff = c - a
     weight = (t / diff.abs().clamp(min=1e-6)).clamp(0, 1)
     return a + weight * diff
+
+
+def arcee_fusion(args: MergeArgs) -> torch.Tensor:
+    """Take C's change where importance = |C - A| * KL(softmax C || softmax A) (last dim)
+    reaches median + 1.5 IQR of all importances (exact quantiles)."""
+    assert args.base is not None
+    a, c = args.base, args.tensors[0]
+    p = torch.softmax(c, dim=-1)
+    kl = (p * (torch.log_softmax(c, dim=-1) - torch.log_softmax(a, dim=-1))).sum(
+        dim=-1, keepdim=True
+    )
+    importance = (c - a).abs() * kl
+    median = exact_quantile(importance, 0.5)
+    iqr = exact_quantile(importance, 0.75) - exact_quantile(importance, 0.25)
+    return a + (c - a) * (importance >= median + 1.5 * iqr)
 
 
 def _cosines(deltas: list[torch.Tensor], dim: int | None) -> torch.Tensor:
@@ -119,5 +135,15 @@ SPECS = (
         needs_base=True,
         min_models=2,
         paper="https://arxiv.org/abs/2403.19522",
+    ),
+    MethodSpec(
+        "arcee_fusion",
+        arcee_fusion,
+        "Take the other model's changes only where they matter most.",
+        (),
+        needs_base=True,
+        min_models=1,
+        max_models=1,
+        paper="https://www.arcee.ai/blog/meet-mergekit-v0-1-0",
     ),
 )

@@ -84,6 +84,7 @@ class MergeArgs:
 
 
 MethodFn = Callable[[MergeArgs], torch.Tensor]
+ParamCheck = Callable[[Mapping[str, Any], Mapping[str, Any]], str | None]
 
 
 @dataclass(frozen=True)
@@ -95,12 +96,19 @@ class MethodSpec:
     summary: str
     params: tuple[ParamSpec, ...] = ()
     needs_base: bool = False
+    optional_base: bool = False
     min_models: int = 1
     max_models: int | None = None
     random: bool = False
     data: Literal["data-free", "calibration"] = "data-free"
     paper: str = ""
     aliases: tuple[str, ...] = field(default=())
+    check: ParamCheck | None = None
+
+    @property
+    def uses_base(self) -> bool:
+        """True when a given base model is taken apart from the other inputs."""
+        return self.needs_base or self.optional_base
 
     def param(self, name: str) -> ParamSpec | None:
         """The parameter called `name`, if the method takes it."""

@@ -6,7 +6,8 @@ or TIES sign election with a disjoint merge); result B + lambda * m.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -14,9 +15,13 @@ from mergecli.methods.blocks import (
     breadcrumbs_mask,
     dare_drop,
     disjoint_merge,
+    elect_sign,
     generator_for,
+    keep_count,
     magnitude_sparsify,
+    magprune,
     stack_weights,
+    top_k_mask,
 )
 from mergecli.methods.spec import MergeArgs, MethodSpec, ParamSpec
 
@@ -67,6 +72,13 @@ def _breadcrumbs(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
     return delta * breadcrumbs_mask(delta.abs(), density, float(args.params["gamma"]))
 
 
+def _della(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
+    density = float(args.per_model[i]["density"])
+    generator = generator_for(args.seed, args.name, i)
+    epsilon, rescale = float(args.params["epsilon"]), bool(args.params["rescale"])
+    return magprune(delta, density, epsilon, generator, rescale, str(args.params["rescale_mode"]))
+
+
 def _method(sparsify: Sparsify, elect: bool) -> Callable[[MergeArgs], torch.Tensor]:
     def merge(args: MergeArgs) -> torch.Tensor:
         deltas = [sparsify(args, i, d) for i, d in enumerate(_deltas(args))]
@@ -81,6 +93,40 @@ dare_linear = _method(_dare, elect=False)
 dare_ties = _method(_dare, elect=True)
 breadcrumbs = _method(_breadcrumbs, elect=False)
 breadcrumbs_ties = _method(_breadcrumbs, elect=True)
+della = _method(_della, elect=True)
+della_linear = _method(_della, elect=False)
+
+
+def sce(args: MergeArgs) -> torch.Tensor:
+    """SCE: select positions of highest variance across models, weight each task vector by
+    its share of mean squared magnitude, keep entries agreeing with the elected sign."""
+    assert args.base is not None
+    stacked = torch.stack(_deltas(args))
+    fraction = float(args.params["select_topk"])
+    if fraction < 1:
+        variance = stacked.var(dim=0, unbiased=False)
+        stacked = stacked * top_k_mask(variance, keep_count(variance.numel(), fraction))
+    energy = (stacked**2).reshape(stacked.shape[0], -1).mean(dim=1)
+    total = float(energy.sum())
+    weights = energy / total if total > 0 else torch.zeros_like(energy)
+    w = weights.reshape(-1, *([1] * (stacked.dim() - 1)))
+    agree = (torch.sign(stacked) == elect_sign(stacked)).to(stacked.dtype)
+    divisor = (w * agree).sum(0)
+    merged = (w * agree * stacked).sum(0) / torch.where(
+        divisor == 0, torch.ones_like(divisor), divisor
+    )
+    return args.base + merged
+
+
+def _della_check(params: Mapping[str, Any], model: Mapping[str, Any]) -> str | None:
+    density, epsilon = float(model["density"]), float(params["epsilon"])
+    if density - epsilon <= 0 or density + epsilon > 1:
+        return (
+            f"density {density} with epsilon {epsilon} gives keep probabilities "
+            f"[{density - epsilon:g}, {density + epsilon:g}]; both must lie in (0, 1]"
+        )
+    return None
+
 
 WEIGHT = ParamSpec("weight", "float", "model", "weight of this model's task vector", required=True)
 DENSITY = ParamSpec(
@@ -132,6 +178,16 @@ TA_PAPER = "https://arxiv.org/abs/2212.04089"
 TIES_PAPER = "https://arxiv.org/abs/2306.01708"
 DARE_PAPER = "https://arxiv.org/abs/2311.03099"
 BREADCRUMBS_PAPER = "https://arxiv.org/abs/2312.06795"
+DELLA_PAPER = "https://arxiv.org/abs/2406.11617"
+EPSILON = ParamSpec(
+    "epsilon",
+    "float",
+    "global",
+    "spread of keep probabilities around density",
+    default=0.15,
+    minimum=0.0,
+    maximum=1.0,
+)
 
 SPECS = (
     MethodSpec(
@@ -183,5 +239,44 @@ SPECS = (
         (WEIGHT, DENSITY, GAMMA, LAMBDA, _normalize(False), INT8_MASK),
         needs_base=True,
         paper=BREADCRUMBS_PAPER,
+    ),
+    MethodSpec(
+        "della",
+        della,
+        "MagPrune (magnitude-ranked random drop) and rescale, then TIES sign election.",
+        (WEIGHT, DENSITY, EPSILON, LAMBDA, _normalize(True), RESCALE, RESCALE_MODE, INT8_MASK),
+        needs_base=True,
+        random=True,
+        paper=DELLA_PAPER,
+        check=_della_check,
+    ),
+    MethodSpec(
+        "della_linear",
+        della_linear,
+        "MagPrune and rescale, then a weighted sum of task vectors.",
+        (WEIGHT, DENSITY, EPSILON, LAMBDA, _normalize(False), RESCALE, RESCALE_MODE, INT8_MASK),
+        needs_base=True,
+        random=True,
+        paper=DELLA_PAPER,
+        check=_della_check,
+    ),
+    MethodSpec(
+        "sce",
+        sce,
+        "Select high-variance positions, calculate weights, erase sign conflicts.",
+        (
+            ParamSpec(
+                "select_topk",
+                "float",
+                "global",
+                "fraction of positions kept by variance across models",
+                default=1.0,
+                minimum=0.0,
+                maximum=1.0,
+                exclusive_minimum=True,
+            ),
+        ),
+        needs_base=True,
+        paper="https://arxiv.org/abs/2408.07990",
     ),
 )

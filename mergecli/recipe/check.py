@@ -183,7 +183,7 @@ def _check_inputs(recipe: Recipe, spec: MethodSpec) -> Iterator[Problem]:
                 f"method `{spec.name}` needs a `base_model` (task vectors are taken against it)",
                 "add `base_model: <the model the others were fine-tuned from>`",
             )
-        others = [(p, m) for p, m in inputs if not (spec.needs_base and m.model == base)]
+        others = [(p, m) for p, m in inputs if not (spec.uses_base and m.model == base)]
         count = len(others)
         if count < spec.min_models or (spec.max_models is not None and count > spec.max_models):
             yield Problem(group_path, _count_message(spec, count), _count_hint(spec))
@@ -208,7 +208,7 @@ def _check_inputs(recipe: Recipe, spec: MethodSpec) -> Iterator[Problem]:
 
 
 def _count_message(spec: MethodSpec, count: int) -> str:
-    what = "models besides the base" if spec.needs_base else "input models"
+    what = "models besides the base" if spec.uses_base else "input models"
     return f"method `{spec.name}` got {count} {what}"
 
 

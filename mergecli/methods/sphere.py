@@ -1,0 +1,182 @@
+"""Interpolation on the unit hypersphere: nuslerp, multislerp, karcher."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from mergecli.methods.interpolate import PARALLEL
+from mergecli.methods.spec import MergeArgs, MethodSpec, ParamSpec
+
+
+def slerp_vectors(a: torch.Tensor, c: torch.Tensor, t: float, dim: int | None) -> torch.Tensor:
+    """Slerp of `a` towards `c` over the whole tensor (dim None) or along `dim`."""
+    if dim is None:
+        return slerp_vectors(a.reshape(1, -1), c.reshape(1, -1), t, 1).reshape(a.shape)
+    na, nc = a.norm(dim=dim, keepdim=True), c.norm(dim=dim, keepdim=True)
+    cos = (a * c).sum(dim=dim, keepdim=True) / (na * nc).clamp(min=1e-30)
+    theta = torch.acos(cos.clamp(-1, 1))
+    sin = torch.sin(theta)
+    linear = (cos.abs() > PARALLEL) | (na == 0) | (nc == 0)
+    safe = torch.where(linear, torch.ones_like(sin), sin)
+    s0 = torch.where(linear, torch.full_like(sin, 1 - t), torch.sin((1 - t) * theta) / safe)
+    s1 = torch.where(linear, torch.full_like(sin, t), torch.sin(t * theta) / safe)
+    return s0 * a + s1 * c
+
+
+def nuslerp(args: MergeArgs) -> torch.Tensor:
+    """Slerp between two models (task vectors with a base) at t = w_2 / (w_1 + w_2)."""
+    w1, w2 = (float(p["weight"]) for p in args.per_model)
+    t = 0.5 if abs(w1 + w2) < 1e-8 else w2 / (w1 + w2)
+    x, y = args.tensors
+    if args.base is not None:
+        x, y = x - args.base, y - args.base
+    if args.params["nuslerp_flatten"] or x.dim() < 2:
+        dim = None
+    else:
+        dim = 0 if args.params["nuslerp_row_wise"] else x.dim() - 1
+    out = slerp_vectors(x, y, t, dim)
+    return out + args.base if args.base is not None else out
+
+
+def _log_map(mean: torch.Tensor, unit: torch.Tensor, eps: float) -> torch.Tensor:
+    cos = float((unit @ mean).clamp(-1, 1))
+    v = unit - cos * mean
+    norm = float(v.norm())
+    return torch.zeros_like(mean) if norm < eps else (math.acos(cos) / norm) * v
+
+
+def _exp_map(mean: torch.Tensor, tangent: torch.Tensor, eps: float) -> torch.Tensor:
+    norm = float(tangent.norm())
+    return mean if norm < eps else math.cos(norm) * mean + (math.sin(norm) / norm) * tangent
+
+
+def spherical_mean(
+    vectors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    iterations: int,
+    tol: float,
+    eps: float,
+) -> torch.Tensor:
+    """Weighted Frechet mean of vectors on the unit sphere, times their weighted mean norm.
+
+    Start at the normalised weighted mean of the unit vectors; each step averages the
+    log maps (tangent vectors) there and moves along the exponential map.
+    """
+    norms = [float(v.norm()) for v in vectors]
+    units = [v / n if n > eps else torch.zeros_like(v) for v, n in zip(vectors, norms)]
+    scale = float(sum(w * n for w, n in zip(weights, norms)))
+    mean = sum((w * u for w, u in zip(weights, units)), torch.zeros_like(units[0]))
+    if float(mean.norm()) < eps:
+        fallback: torch.Tensor = sum(
+            (w * v for w, v in zip(weights, vectors)), torch.zeros_like(vectors[0])
+        )
+        return fallback
+    mean = mean / mean.norm()
+    for _ in range(iterations):
+        tangent = sum(
+            (w * _log_map(mean, u, eps) for w, u in zip(weights, units)), torch.zeros_like(mean)
+        )
+        mean = _exp_map(mean, tangent, eps)
+        mean = mean / mean.norm()
+        if float(tangent.norm()) < tol:
+            break
+    return scale * mean
+
+
+def multislerp(args: MergeArgs) -> torch.Tensor:
+    """Barycentric interpolation of n tensors (task vectors with a base) on the hypersphere."""
+    weights = [float(p["weight"]) for p in args.per_model]
+    if args.params["normalize_weights"]:
+        total = sum(weights)
+        weights = [w / total for w in weights] if abs(total) > 1e-12 else weights
+    vectors = [(t - args.base if args.base is not None else t).reshape(-1) for t in args.tensors]
+    out = spherical_mean(vectors, weights, 1, 0.0, float(args.params["eps"])).reshape(
+        args.tensors[0].shape
+    )
+    return out + args.base if args.base is not None else out
+
+
+def karcher(args: MergeArgs) -> torch.Tensor:
+    """Karcher mean of the inputs on the unit sphere (equal weights), scaled by the mean norm."""
+    n = len(args.tensors)
+    vectors = [t.reshape(-1) for t in args.tensors]
+    iterations, tol = int(args.params["max_iter"]), float(args.params["tol"])
+    return spherical_mean(vectors, [1.0 / n] * n, iterations, tol, 1e-12).reshape(
+        args.tensors[0].shape
+    )
+
+
+WEIGHT = ParamSpec("weight", "float", "model", "weight of this model", required=True)
+
+SPECS = (
+    MethodSpec(
+        "nuslerp",
+        nuslerp,
+        "Slerp of two models (or task vectors) at t = w2 / (w1 + w2).",
+        (
+            WEIGHT,
+            ParamSpec(
+                "nuslerp_flatten",
+                "bool",
+                "global",
+                "slerp the whole tensor as one vector",
+                default=True,
+            ),
+            ParamSpec(
+                "nuslerp_row_wise",
+                "bool",
+                "global",
+                "without flatten: slerp columns instead of rows",
+                default=False,
+            ),
+        ),
+        optional_base=True,
+        min_models=2,
+        max_models=2,
+        paper="https://github.com/arcee-ai/mergekit",
+    ),
+    MethodSpec(
+        "multislerp",
+        multislerp,
+        "Barycentric interpolation of n models on the hypersphere.",
+        (
+            WEIGHT,
+            ParamSpec(
+                "normalize_weights",
+                "bool",
+                "global",
+                "divide the weights by their sum",
+                default=True,
+            ),
+            ParamSpec(
+                "eps", "float", "global", "tolerance for zero norms", default=1e-8, minimum=0.0
+            ),
+        ),
+        optional_base=True,
+        min_models=2,
+        paper="https://github.com/arcee-ai/mergekit",
+    ),
+    MethodSpec(
+        "karcher",
+        karcher,
+        "Riemannian (Karcher) mean of the models on the hypersphere.",
+        (
+            ParamSpec(
+                "max_iter", "int", "global", "most fixed-point iterations", default=10, minimum=1
+            ),
+            ParamSpec(
+                "tol",
+                "float",
+                "global",
+                "stop when the tangent step is this small",
+                default=1e-5,
+                minimum=0.0,
+            ),
+        ),
+        min_models=2,
+        paper="https://en.wikipedia.org/wiki/Karcher_mean",
+    ),
+)
