@@ -68,7 +68,7 @@ def spherical_mean(
     norms = [float(v.norm()) for v in vectors]
     units = [v / n if n > eps else torch.zeros_like(v) for v, n in zip(vectors, norms)]
     scale = float(sum(w * n for w, n in zip(weights, norms)))
-    mean = sum((w * u for w, u in zip(weights, units)), torch.zeros_like(units[0]))
+    mean: torch.Tensor = sum((w * u for w, u in zip(weights, units)), torch.zeros_like(units[0]))
     if float(mean.norm()) < eps:
         fallback: torch.Tensor = sum(
             (w * v for w, v in zip(weights, vectors)), torch.zeros_like(vectors[0])
@@ -76,7 +76,7 @@ def spherical_mean(
         return fallback
     mean = mean / mean.norm()
     for _ in range(iterations):
-        tangent = sum(
+        tangent: torch.Tensor = sum(
             (w * _log_map(mean, u, eps) for w, u in zip(weights, units)), torch.zeros_like(mean)
         )
         mean = _exp_map(mean, tangent, eps)
