@@ -1,0 +1,179 @@
+"""DELLA, SCE, nuslerp, multislerp, karcher, arcee_fusion against float64 math written here."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_methods import RNG, ref_slerp, run, trio
+from typer.testing import CliRunner
+
+from conftest import invoke, write
+
+
+@pytest.mark.parametrize(
+    ("della", "dare", "normalize"),
+    [("della", "dare_ties", False), ("della_linear", "dare_linear", True)],
+)
+def test_della_with_zero_epsilon_is_dare_draw_for_draw(
+    della: str, dare: str, normalize: bool
+) -> None:
+    base, models = trio((12, 9))
+    per = [
+        {"weight": 0.7, "density": 0.4},
+        {"weight": 0.2, "density": 0.6},
+        {"weight": 0.5, "density": 0.5},
+    ]
+    got = run(della, models, base, per, seed=9, tensor="t", epsilon=0.0, normalize=normalize)
+    np.testing.assert_array_equal(
+        got, run(dare, models, base, per, seed=9, tensor="t", normalize=normalize)
+    )
+
+
+def test_della_keep_probability_follows_magnitude_rank() -> None:
+    rows, cols = 4000, 5
+    delta = np.tile(np.array([0.1, -0.2, 0.3, -0.4, 0.5]), (rows, 1))
+    delta = delta[:, RNG.permutation(cols)]
+    got = run(
+        "della_linear",
+        [delta],
+        np.zeros_like(delta),
+        [{"weight": 1.0, "density": 0.5}],
+        epsilon=0.2,
+        rescale_mode="inverse_density",
+    )
+    ranks = np.argsort(np.argsort(np.abs(delta), axis=1, kind="stable"), axis=1)
+    p = (0.5 - 0.2) + 2 * 0.2 * ranks / (cols - 1)
+    kept = got != 0
+    np.testing.assert_allclose(got[kept], (delta / p)[kept], rtol=1e-12)
+    for rank in range(cols):
+        observed = kept[ranks == rank].mean()
+        expected = 0.3 + 0.1 * rank
+        assert abs(observed - expected) < 5 * math.sqrt(expected * (1 - expected) / rows)
+
+
+def test_della_out_of_range_probabilities_are_refused(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
+    recipe = write(
+        tmp_path / "r.yaml",
+        f"merge_method: della\nbase_model: {family['base']}\nparameters: {{epsilon: 0.2}}\nmodels:\n"
+        f"  - model: {family['a']}\n    parameters: {{weight: 1, density: 0.1}}\n",
+    )
+    code, _, err = invoke(runner, "validate", str(recipe))
+    assert code == 2
+    assert (
+        "models[0].parameters: density 0.1 with epsilon 0.2 gives keep probabilities [-0.1, 0.3]; both must lie in (0, 1]"
+        in err
+    )
+
+
+@pytest.mark.parametrize("topk", [1.0, 0.3])
+def test_sce(topk: float) -> None:
+    base, models = trio((8, 6))
+    got = run("sce", models, base, [{}, {}, {}], select_topk=topk)
+    d = np.stack([m - base for m in models])
+    if topk < 1:
+        var = d.var(axis=0).reshape(-1)
+        k = math.floor(topk * var.size + 1e-9)
+        keep = np.zeros(var.size, dtype=bool)
+        keep[np.argsort(-var, kind="stable")[:k]] = True
+        d = d * keep.reshape(base.shape)
+    energy = (d**2).reshape(3, -1).mean(axis=1)
+    c = energy / energy.sum()
+    sign = np.where(d.sum(0) >= 0, 1.0, -1.0)
+    agree = np.sign(d) == sign
+    num = sum(c[i] * agree[i] * d[i] for i in range(3))
+    den = sum(c[i] * agree[i] for i in range(3))
+    np.testing.assert_allclose(got, base + num / np.where(den == 0, 1, den), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(("flatten", "row_wise"), [(True, False), (False, False), (False, True)])
+def test_nuslerp(flatten: bool, row_wise: bool) -> None:
+    base, models = trio((4, 7))
+    x, y = models[0], models[1]
+    got = run(
+        "nuslerp",
+        [x, y],
+        base,
+        [{"weight": 1.0}, {"weight": 3.0}],
+        nuslerp_flatten=flatten,
+        nuslerp_row_wise=row_wise,
+    )
+    dx, dy = x - base, y - base
+    if flatten:
+        expected = ref_slerp(dx, dy, 0.75)
+    elif row_wise:
+        expected = np.stack([ref_slerp(dx[:, j], dy[:, j], 0.75) for j in range(7)], axis=1)
+    else:
+        expected = np.stack([ref_slerp(dx[i], dy[i], 0.75) for i in range(4)])
+    np.testing.assert_allclose(got, base + expected, rtol=1e-10, atol=1e-12)
+    no_base = run("nuslerp", [x, y], None, [{"weight": 1.0}, {"weight": 1.0}])
+    np.testing.assert_allclose(no_base, ref_slerp(x, y, 0.5), rtol=1e-10)
+
+
+def test_multislerp_and_karcher_of_two_equal_norm_vectors_are_the_slerp_midpoint() -> None:
+    x = RNG.normal(size=50)
+    y = RNG.normal(size=50)
+    y *= np.linalg.norm(x) / np.linalg.norm(y)
+    mid = ref_slerp(x, y, 0.5)
+    np.testing.assert_allclose(
+        run("multislerp", [x, y], None, [{"weight": 2.0}, {"weight": 2.0}]),
+        mid,
+        rtol=1e-9,
+        atol=1e-12,
+    )
+    np.testing.assert_allclose(run("karcher", [x, y], None, [{}, {}]), mid, rtol=1e-9, atol=1e-12)
+
+
+def log_map(mean: np.ndarray, unit: np.ndarray) -> np.ndarray:
+    cos = np.clip(unit @ mean, -1, 1)
+    v = unit - cos * mean
+    return np.arccos(cos) * v / np.linalg.norm(v)
+
+
+def test_karcher_mean_has_zero_tangent_residual_and_mean_norm() -> None:
+    vectors = [RNG.normal(size=30) + 2.0 for _ in range(4)]
+    got = run("karcher", vectors, None, [{}] * 4, max_iter=200, tol=1e-12)
+    norms = [np.linalg.norm(v) for v in vectors]
+    assert np.linalg.norm(got) == pytest.approx(np.mean(norms), rel=1e-12)
+    direction = got / np.linalg.norm(got)
+    residual = sum(log_map(direction, v / n) for v, n in zip(vectors, norms))
+    assert np.linalg.norm(residual) < 1e-9
+
+
+def test_multislerp_one_step_in_the_tangent_space() -> None:
+    base, models = trio((3, 5))
+    w = [0.2, 0.3, 0.5]
+    got = run("multislerp", models, base, [{"weight": x} for x in w])
+    d = [(m - base).reshape(-1) for m in models]
+    norms = [np.linalg.norm(v) for v in d]
+    units = [v / n for v, n in zip(d, norms)]
+    mean = sum(x * u for x, u in zip(w, units))
+    mean /= np.linalg.norm(mean)
+    tangent = sum(x * log_map(mean, u) for x, u in zip(w, units))
+    t = np.linalg.norm(tangent)
+    point = np.cos(t) * mean + np.sin(t) * tangent / t
+    expected = base + (
+        sum(x * n for x, n in zip(w, norms)) * point / np.linalg.norm(point)
+    ).reshape(base.shape)
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_arcee_fusion() -> None:
+    a = RNG.normal(size=(20, 16))
+    c = a + RNG.normal(scale=0.2, size=(20, 16)) * (RNG.random((20, 16)) < 0.3)
+    got = run("arcee_fusion", [c], a, [{}])
+
+    def log_softmax(x: np.ndarray) -> np.ndarray:
+        shifted = x - x.max(axis=-1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+    kl = (np.exp(log_softmax(c)) * (log_softmax(c) - log_softmax(a))).sum(axis=-1, keepdims=True)
+    importance = np.abs(c - a) * kl
+    q1, med, q3 = np.quantile(importance, [0.25, 0.5, 0.75])
+    mask = importance >= med + 1.5 * (q3 - q1)
+    assert 0 < mask.sum() < mask.size
+    np.testing.assert_allclose(got, a + (c - a) * mask, rtol=1e-12, atol=1e-15)
