@@ -198,3 +198,49 @@ def test_missing_base_and_too_many_models(
         and "models: method `slerp` got 2 models besides the base\n      hint: it takes exactly 1"
         in err
     )
+
+
+def recipe_for(method: str, family: dict[str, Path]) -> str:
+    """A small valid recipe for any registered method over the tiny family."""
+    from mergecli import methods
+
+    spec = methods.get(method)
+    assert spec is not None
+    if method == "passthrough":
+        return f"merge_method: passthrough\nmodels:\n  - model: {family['a']}\n"
+    count = spec.max_models or 2
+    per = {"weight": 1.0, "density": 0.6}
+    model_params = {p.name: per[p.name] for p in spec.scoped("model") if p.name in per}
+    lines = [f"merge_method: {method}"]
+    if spec.uses_base:
+        lines.append(f"base_model: {family['base']}")
+    required = {p.name: 0.4 for p in spec.scoped("global") if p.required}
+    if required:
+        lines.append("parameters: {" + ", ".join(f"{k}: {v}" for k, v in required.items()) + "}")
+    lines.append("models:")
+    for name in ["a", "b"][:count]:
+        lines.append(f"  - model: {family[name]}")
+        if model_params:
+            lines.append(
+                "    parameters: {" + ", ".join(f"{k}: {v}" for k, v in model_params.items()) + "}"
+            )
+    return "\n".join(lines) + "\nseed: 1\n"
+
+
+def test_every_method_runs_end_to_end(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from mergecli import methods
+
+    ids = torch.tensor([[1, 2, 3, 4]])
+    for method in methods.names():
+        folder = tmp_path / method
+        folder.mkdir()
+        recipe = write(folder / "r.yaml", recipe_for(method, family))
+        code, _, err = invoke(runner, "run", str(recipe), "-o", str(folder / "out"), "--quiet")
+        assert code == 0, (method, err)
+        model = AutoModelForCausalLM.from_pretrained(folder / "out").eval()
+        with torch.no_grad():
+            assert torch.isfinite(model(ids).logits).all(), method
