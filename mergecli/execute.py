@@ -69,6 +69,8 @@ def compute_tensor(plan: MergePlan, tensor: TensorPlan, reader: TensorReader) ->
     base = loaded.pop() if tensor.base else None
     args = MergeArgs(loaded, base, tensor.params, tensor.per_model, tensor.name, plan.seed)
     result = plan.method.fn(args)
+    if tensor.post_scale is not None and base is not None:
+        result = base + tensor.post_scale * (result - base)
     return _cast_checked(result, out_dtype, tensor.name)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,6 +54,7 @@ class TensorPlan:
     per_model: tuple[Mapping[str, Any], ...]
     copy: bool
     shard: int = 0
+    post_scale: float | None = None
 
     @property
     def nbytes(self) -> int:
@@ -120,7 +121,7 @@ def build_plan(
     if problems:
         raise RecipeError(problems)
     builder = _Builder(recipe, spec, refs, models)
-    tensors = builder.build()
+    tensors = apply_lines(recipe, builder.build())
     builder.summarize_mismatches()
     if builder.problems:
         raise RecipeError(builder.problems)
@@ -577,6 +578,24 @@ class _Builder:
             )
 
 
+def apply_lines(recipe: Recipe, tensors: list[TensorPlan]) -> list[TensorPlan]:
+    """LiNeS: scale each merged task vector by alpha + beta * l / (L - 1) for layer l of L
+    (per layer stack of the output); tensors outside the layers get alpha."""
+    lines = recipe.post.lines if recipe.post else None
+    if lines is None:
+        return tensors
+    depths = layer_counts([t.name for t in tensors])
+    out = []
+    for tensor in tensors:
+        split = split_layer(tensor.name)
+        frac = 0.0
+        if split is not None and depths[split.stack] > 1:
+            frac = split.index / (depths[split.stack] - 1)
+        scale = lines.alpha + lines.beta * frac
+        out.append(replace(tensor, post_scale=scale) if tensor.base is not None else tensor)
+    return out
+
+
 def _lookup(name: str, tensor: str, t: float, blocks: Sequence[Parameters | None]) -> Any:
     for block in blocks:
         if block is not None and name in block:
@@ -616,6 +635,4 @@ def assign_shards(
 
 
 def _with_shard(tensor: TensorPlan, shard: int) -> TensorPlan:
-    from dataclasses import replace
-
     return replace(tensor, shard=shard)

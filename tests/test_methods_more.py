@@ -177,3 +177,88 @@ def test_arcee_fusion() -> None:
     mask = importance >= med + 1.5 * (q3 - q1)
     assert 0 < mask.sum() < mask.size
     np.testing.assert_allclose(got, a + (c - a) * mask, rtol=1e-12, atol=1e-15)
+
+
+def test_consensus() -> None:
+    base, models = trio((9, 7))
+    lambdas = [0.4, 0.5, 0.6]
+    got = run("consensus", models, base, [{"lambda": x} for x in lambdas], k=2, alpha=0.7)
+    d = [m - base for m in models]
+    total = sum(d)
+    votes = sum((np.abs(x) >= lam * np.abs(total - x)).astype(float) for x, lam in zip(d, lambdas))
+    np.testing.assert_allclose(got, base + 0.7 * total * (votes >= 2), rtol=1e-12, atol=1e-15)
+    everything = run("consensus", models, base, [{}] * 3, k=0)
+    np.testing.assert_allclose(everything, base + total, rtol=1e-12)
+
+
+def test_tsv_against_numpy_svd() -> None:
+    base, models = trio((8, 6))
+    got = run("tsv", models, base, [{}] * 3, rank_fraction=0.5, **{"lambda": 0.9})
+    r = int(0.5 * 6 / 3)
+    us, ss, vs = [], [], []
+    for m in models:
+        u, s, vh = np.linalg.svd(m - base, full_matrices=False)
+        us.append(u[:, :r])
+        ss.append(s[:r])
+        vs.append(vh[:r].T)
+
+    def polar(x: np.ndarray) -> np.ndarray:
+        p, _, qh = np.linalg.svd(x, full_matrices=False)
+        return p @ qh
+
+    rebuilt = polar(np.hstack(us)) @ np.diag(np.concatenate(ss)) @ polar(np.hstack(vs)).T
+    np.testing.assert_allclose(got, base + 0.9 * rebuilt, rtol=1e-9, atol=1e-12)
+    vector = run("tsv", [m[0] for m in models], base[0], [{}] * 3)
+    np.testing.assert_allclose(vector, base[0] + sum(m[0] - base[0] for m in models), rtol=1e-12)
+
+
+def test_tsv_of_orthogonal_task_vectors_is_task_arithmetic() -> None:
+    q, _ = np.linalg.qr(RNG.normal(size=(6, 6)))
+    p, _ = np.linalg.qr(RNG.normal(size=(5, 5)))
+    base = RNG.normal(size=(6, 5))
+    deltas = [
+        3.0 * np.outer(q[:, i], p[:, i]) + 1.0 * np.outer(q[:, i + 2], p[:, i + 2])
+        for i in range(2)
+    ]
+    got = run("tsv", [base + d for d in deltas], base, [{}, {}])
+    np.testing.assert_allclose(got, base + sum(deltas), rtol=1e-9, atol=1e-12)
+
+
+def test_lines_scales_task_vectors_by_depth(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    recipe = write(
+        tmp_path / "r.yaml",
+        f"merge_method: task_arithmetic\nbase_model: {family['base']}\npost: {{lines: {{alpha: 0.2, beta: 0.6}}}}\n"
+        f"models:\n  - model: {family['a']}\n    parameters: {{weight: 1.0}}\n",
+    )
+    code, _, err = invoke(runner, "run", str(recipe), "-o", str(tmp_path / "out"), "--quiet")
+    assert code == 0, err
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    b, a = (
+        load_file(str(family["base"] / "model.safetensors")),
+        load_file(str(family["a"] / "model.safetensors")),
+    )
+    for name, scale in [
+        ("model.layers.0.mlp.up_proj.weight", 0.2),
+        ("model.layers.1.mlp.up_proj.weight", 0.5),
+        ("model.layers.2.mlp.up_proj.weight", 0.8),
+        ("model.embed_tokens.weight", 0.2),
+        ("lm_head.weight", 0.2),
+    ]:
+        expected = b[name].double() + scale * (a[name].double() - b[name].double())
+        assert (got[name].double() - expected).abs().max() <= 8 * torch.finfo(torch.float32).eps * (
+            b[name].abs().max() + 1
+        )
+    bad = write(
+        tmp_path / "bad.yaml",
+        f"merge_method: linear\npost: {{lines: {{alpha: 1, beta: 0}}}}\nmodels:\n  - model: {family['a']}\n    parameters: {{weight: 1}}\n",
+    )
+    code, _, err = invoke(runner, "validate", str(bad))
+    assert (
+        code == 2
+        and "post.lines: LiNeS scales task vectors, but method `linear` takes no base model" in err
+    )

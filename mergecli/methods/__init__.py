@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mergecli.methods import interpolate, linear, passthrough, sphere, task_vectors
+from mergecli.methods import interpolate, linear, passthrough, research, sphere, task_vectors
 from mergecli.methods.spec import MergeArgs, MethodFn, MethodSpec, ParamSpec
 
 REGISTRY: dict[str, MethodSpec] = {
@@ -13,6 +13,7 @@ REGISTRY: dict[str, MethodSpec] = {
         *task_vectors.SPECS,
         *interpolate.SPECS,
         *sphere.SPECS,
+        *research.SPECS,
     )
 }
 

@@ -25,6 +25,14 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
     problems += _check_parameter_blocks(_parameter_blocks(recipe.model_dump()), spec)
     problems += _check_inputs(recipe, spec)
     problems += _check_slices(recipe)
+    if recipe.post is not None and recipe.post.lines is not None and not spec.uses_base:
+        problems.append(
+            Problem(
+                "post.lines",
+                f"LiNeS scales task vectors, but method `{spec.name}` takes no base model",
+                "use a task-vector method (task_arithmetic, ties, dare_ties, ...) with a `base_model`",
+            )
+        )
     return problems
 
 
@@ -51,10 +59,6 @@ def _check_unsupported(recipe: Recipe) -> Iterator[Problem]:
             where,
             "union vocabularies and the `tokenizer:` block are not supported yet",
             "use `tokenizer_source: base` or a model reference (same vocabulary in all models)",
-        )
-    if recipe.post is not None:
-        yield Problem(
-            "post", "post-steps (`post:`) are not supported yet", "remove the `post:` block"
         )
     for where, ref in _model_refs(recipe):
         if ref.adapter:

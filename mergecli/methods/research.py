@@ -1,0 +1,98 @@
+"""Methods from the research literature that mergekit lacks: Consensus (TALL masks), TSV."""
+
+from __future__ import annotations
+
+import torch
+
+from mergecli.methods.spec import MergeArgs, MethodSpec, ParamSpec
+
+
+def consensus(args: MergeArgs) -> torch.Tensor:
+    """Consensus merging (Wang et al. 2024, "Localizing Task Information for Improved Model
+    Merging and Compression", eq. 3-5): d_MTL = sum_i d_i; task mask
+    m_i = [|d_i| >= lambda_i |d_MTL - d_i|]; keep entries where at least k masks agree;
+    result B + alpha * d_MTL * consensus mask."""
+    assert args.base is not None
+    deltas = [t - args.base for t in args.tensors]
+    total = torch.stack(deltas).sum(0)
+    votes = torch.zeros_like(total)
+    for delta, params in zip(deltas, args.per_model):
+        votes += (delta.abs() >= float(params["lambda"]) * (total - delta).abs()).to(total.dtype)
+    keep = votes >= int(args.params["k"])
+    return args.base + float(args.params["alpha"]) * total * keep
+
+
+def _orthogonalise(stacked: torch.Tensor) -> torch.Tensor:
+    """The closest matrix with orthonormal columns: P Q^T from the SVD P S Q^T."""
+    p, _, qh = torch.linalg.svd(stacked, full_matrices=False)
+    result: torch.Tensor = p @ qh
+    return result
+
+
+def tsv(args: MergeArgs) -> torch.Tensor:
+    """Task Singular Vectors (Gargiulo et al. 2025, TSV-Merge, eq. 6-8): keep the top
+    r = max(1, floor(rank_fraction * min(shape) / n)) singular triplets of each task
+    vector, orthogonalise the concatenated U and V, rebuild U_perp diag(S) V_perp^T;
+    result B + lambda * that. Tensors that are not 2-D use task arithmetic."""
+    assert args.base is not None
+    deltas = [t - args.base for t in args.tensors]
+    scale = float(args.params["lambda"])
+    if args.base.dim() != 2:
+        return args.base + scale * torch.stack(deltas).sum(0)
+    n = len(deltas)
+    rank = max(1, int(float(args.params["rank_fraction"]) * min(args.base.shape) / n))
+    us, ss, vs = [], [], []
+    for delta in deltas:
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        us.append(u[:, :rank])
+        ss.append(s[:rank])
+        vs.append(vh[:rank].T)
+    u_perp = _orthogonalise(torch.cat(us, dim=1))
+    v_perp = _orthogonalise(torch.cat(vs, dim=1))
+    merged = u_perp @ torch.diag(torch.cat(ss)) @ v_perp.T
+    return args.base + scale * merged
+
+
+SPECS = (
+    MethodSpec(
+        "consensus",
+        consensus,
+        "Keep the summed task vector only where at least k task masks (TALL masks) agree.",
+        (
+            ParamSpec(
+                "lambda",
+                "float",
+                "model",
+                "mask threshold of this task (0.4-0.6 typical)",
+                default=0.5,
+                minimum=0.0,
+            ),
+            ParamSpec(
+                "k", "int", "global", "number of task masks that must agree", default=2, minimum=0
+            ),
+            ParamSpec("alpha", "float", "global", "scale of the merged task vector", default=1.0),
+        ),
+        needs_base=True,
+        paper="https://arxiv.org/abs/2405.07813",
+    ),
+    MethodSpec(
+        "tsv",
+        tsv,
+        "Task Singular Vectors: low-rank task vectors, decorrelated by orthogonalisation.",
+        (
+            ParamSpec(
+                "rank_fraction",
+                "float",
+                "global",
+                "fraction of the rank shared by all tasks",
+                default=1.0,
+                minimum=0.0,
+                maximum=1.0,
+                exclusive_minimum=True,
+            ),
+            ParamSpec("lambda", "float", "global", "scale of the merged task vector", default=1.0),
+        ),
+        needs_base=True,
+        paper="https://arxiv.org/abs/2412.00081",
+    ),
+)
