@@ -262,3 +262,31 @@ def test_lines_scales_task_vectors_by_depth(
         code == 2
         and "post.lines: LiNeS scales task vectors, but method `linear` takes no base model" in err
     )
+
+
+@pytest.mark.parametrize("ratio", [0.2, 1.0])
+def test_pcb_follows_the_paper(ratio: float) -> None:
+    base, models = trio((5, 8))
+    got = run("pcb", models, base, [{}] * 3, ratio=ratio, **{"lambda": 0.8})
+    d = np.stack([(m - base).reshape(-1) for m in models])
+    n, size = d.shape
+
+    def minmax(x: np.ndarray) -> np.ndarray:
+        low, high = x.min(axis=-1, keepdims=True), x.max(axis=-1, keepdims=True)
+        return (x - low) / np.where(high == low, 1, high - low)
+
+    def softmax(x: np.ndarray) -> np.ndarray:
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+
+    intra = softmax(n * minmax(d * d))
+    inter = np.stack([softmax(minmax(d[i] * d)).sum(axis=0) for i in range(n)])
+    beta = intra * inter
+    k = max(1, math.floor(ratio * size + 1e-9))
+    kept = np.zeros_like(beta)
+    for i in range(n):
+        top = np.argsort(-beta[i], kind="stable")[:k]
+        kept[i, top] = beta[i, top]
+    den = kept.sum(axis=0)
+    merged = (kept * d).sum(axis=0) / np.where(den == 0, 1, den)
+    np.testing.assert_allclose(got, base + 0.8 * merged.reshape(base.shape), rtol=1e-10, atol=1e-13)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from mergecli.methods.blocks import keep_count, top_k_mask
 from mergecli.methods.spec import MergeArgs, MethodSpec, ParamSpec
 
 
@@ -20,6 +21,38 @@ def consensus(args: MergeArgs) -> torch.Tensor:
         votes += (delta.abs() >= float(params["lambda"]) * (total - delta).abs()).to(total.dtype)
     keep = votes >= int(args.params["k"])
     return args.base + float(args.params["alpha"]) * total * keep
+
+
+def _minmax(x: torch.Tensor) -> torch.Tensor:
+    """Scale each row to [0, 1]; constant rows become 0."""
+    low = x.min(dim=-1, keepdim=True).values
+    span = x.max(dim=-1, keepdim=True).values - low
+    return (x - low) / torch.where(span == 0, torch.ones_like(span), span)
+
+
+def pcb(args: MergeArgs) -> torch.Tensor:
+    """PCB-Merging (Du et al. 2024, "Parameter Competition Balancing for Model Merging").
+
+    With task vectors d_i flattened over the tensor and N models:
+    intra-balancing b_intra,i = Softmax(N * Norm(d_i * d_i)) (eq. 2), inter-balancing
+    b_inter,i = sum_j Softmax(Norm(d_i * d_j)) (eq. 3), b_i = b_intra,i * b_inter,i (eq. 4);
+    keep the top `ratio` fraction of each b_i (eq. 5-6); merged m = sum_i b_i d_i / sum_i b_i
+    element-wise (eq. 7, 0 where nothing is kept); result B + lambda m (eq. 8). Norm is the
+    min-max scaling of the authors' code, softmax runs over the tensor's entries.
+    Where mergecli's spec line differs (exp instead of softmax, a tanh inter-balance) this
+    follows the paper, as the spec asks.
+    """
+    assert args.base is not None
+    n = len(args.tensors)
+    d = torch.stack([(t - args.base).reshape(-1) for t in args.tensors])
+    intra = torch.softmax(n * _minmax(d * d), dim=-1)
+    inter = torch.stack([torch.softmax(_minmax(d[i] * d), dim=-1).sum(0) for i in range(n)])
+    balance = intra * inter
+    k = keep_count(d.shape[1], float(args.params["ratio"]))
+    kept = torch.stack([balance[i] * top_k_mask(balance[i], k) for i in range(n)])
+    divisor = kept.sum(0)
+    merged = (kept * d).sum(0) / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    return args.base + float(args.params["lambda"]) * merged.reshape(args.base.shape)
 
 
 def _orthogonalise(stacked: torch.Tensor) -> torch.Tensor:
@@ -94,5 +127,25 @@ SPECS = (
         ),
         needs_base=True,
         paper="https://arxiv.org/abs/2412.00081",
+    ),
+    MethodSpec(
+        "pcb",
+        pcb,
+        "Parameter Competition Balancing: weight entries by intra- and inter-task balance.",
+        (
+            ParamSpec(
+                "ratio",
+                "float",
+                "global",
+                "fraction of entries each task keeps",
+                default=0.1,
+                minimum=0.0,
+                maximum=1.0,
+                exclusive_minimum=True,
+            ),
+            ParamSpec("lambda", "float", "global", "scale of the merged task vector", default=1.0),
+        ),
+        needs_base=True,
+        paper="https://arxiv.org/abs/2410.02396",
     ),
 )
