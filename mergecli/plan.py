@@ -300,8 +300,39 @@ class _Builder:
                     )
                 )
 
+    def _prepare(self, groups: list[_Group]) -> None:
+        """Per-model parameters a method derives from files (e.g. mwa's trainer_state.json)."""
+        self.prepared: dict[int, dict[str, Any]] = {}
+        if self.spec.prepare is None or self.spec.reads is None:
+            return
+        sources = [s for g in groups for s in g.sources]
+        states = [self._read_json(s.model, self.spec.reads) for s in sources]
+        params = {}
+        for spec in self.spec.scoped("global"):
+            value = _lookup(spec.name, "", 0.0, [self.recipe.parameters])
+            params[spec.name] = spec.default if value is None else value
+        try:
+            prepared = self.spec.prepare(states, params)
+        except ValueError as exc:
+            self.problems.append(
+                Problem("models", str(exc), f"each input needs a {self.spec.reads}", code=4)
+            )
+            return
+        for source, values in zip(sources, prepared):
+            self.prepared[source.model] = values
+
+    def _read_json(self, model: int, filename: str) -> dict[str, Any] | None:
+        import json
+
+        source = self.models[model].source
+        if filename not in source.files():
+            return None
+        data = json.loads(source.local(filename).read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else None
+
     def build(self) -> list[TensorPlan]:
         groups = self.groups()
+        self._prepare(groups)
         if self.recipe.models:
             self._check_same_tensors(groups[0])
         if self.problems:
@@ -524,8 +555,10 @@ class _Builder:
             params[spec.name] = value
         per_model = []
         for source, name in picked:
-            values: dict[str, Any] = {}
+            values: dict[str, Any] = dict(self.prepared.get(source.model, {}))
             for spec in self.spec.scoped("model"):
+                if spec.name in values:
+                    continue
                 value = _lookup(spec.name, name, t, [source.params, group.params, top])
                 if value is None:
                     value = spec.default

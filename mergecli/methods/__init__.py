@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mergecli.methods import interpolate, linear, passthrough, research, sphere, task_vectors
+from mergecli.methods import interpolate, linear, mwa, passthrough, research, sphere, task_vectors
 from mergecli.methods.spec import MergeArgs, MethodFn, MethodSpec, ParamSpec
 
 REGISTRY: dict[str, MethodSpec] = {
@@ -14,6 +14,7 @@ REGISTRY: dict[str, MethodSpec] = {
         *interpolate.SPECS,
         *sphere.SPECS,
         *research.SPECS,
+        mwa.SPEC,
     )
 }
 

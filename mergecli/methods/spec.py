@@ -85,6 +85,7 @@ class MergeArgs:
 
 MethodFn = Callable[[MergeArgs], torch.Tensor]
 ParamCheck = Callable[[Mapping[str, Any], Mapping[str, Any]], str | None]
+Prepare = Callable[[Sequence[Mapping[str, Any] | None], Mapping[str, Any]], list[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -100,10 +101,12 @@ class MethodSpec:
     min_models: int = 1
     max_models: int | None = None
     random: bool = False
-    data: Literal["data-free", "calibration"] = "data-free"
+    data: Literal["data-free", "calibration", "checkpoint metrics"] = "data-free"
     paper: str = ""
     aliases: tuple[str, ...] = field(default=())
     check: ParamCheck | None = None
+    reads: str | None = None
+    prepare: Prepare | None = None
 
     @property
     def uses_base(self) -> bool:
