@@ -290,3 +290,37 @@ def test_pcb_follows_the_paper(ratio: float) -> None:
     den = kept.sum(axis=0)
     merged = (kept * d).sum(axis=0) / np.where(den == 0, 1, den)
     np.testing.assert_allclose(got, base + 0.8 * merged.reshape(base.shape), rtol=1e-10, atol=1e-13)
+
+
+def np_rank(scores: np.ndarray) -> np.ndarray:
+    order = np.argsort(scores, axis=-1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(
+        ranks, order, np.arange(scores.shape[-1])[None, :].repeat(scores.shape[0], 0), axis=-1
+    )
+    return ranks / max(scores.shape[-1] - 1, 1)
+
+
+def np_calibrate(scores: np.ndarray, t: float, s: float) -> np.ndarray:
+    e = np.exp(scores - scores.max(axis=0, keepdims=True))
+    shares = e / e.sum(axis=0, keepdims=True)
+    return np.where(shares > t * shares.mean(), s, shares)
+
+
+def test_widen_matrix_and_vector() -> None:
+    base, models = trio((6, 5))
+    got = run("widen", models, base, [{}] * 3, t=1.0, s=1.0)
+    stacked = np.stack(models)
+    mag = np.abs(np.linalg.norm(stacked, axis=1) - np.linalg.norm(base, axis=0))
+    cos = (stacked * base).sum(axis=1) / (
+        np.linalg.norm(stacked, axis=1) * np.linalg.norm(base, axis=0)
+    )
+    w = (np_calibrate(np_rank(mag), 1.0, 1.0) + np_calibrate(np_rank(1 - cos), 1.0, 1.0)) / 2
+    expected = base + (w[:, None, :] * (stacked - base)).sum(axis=0)
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-13)
+    vec_base, vecs = base[0], [m[0] for m in models]
+    got_vec = run("widen", vecs, vec_base, [{}] * 3, t=1.2, s=0.9)
+    d = np.stack(vecs) - vec_base
+    np.testing.assert_allclose(
+        got_vec, vec_base + (np_calibrate(np_rank(np.abs(d)), 1.2, 0.9) * d).sum(axis=0), rtol=1e-10
+    )

@@ -55,6 +55,45 @@ def pcb(args: MergeArgs) -> torch.Tensor:
     return args.base + float(args.params["lambda"]) * merged.reshape(args.base.shape)
 
 
+def _rank_normalise(scores: torch.Tensor) -> torch.Tensor:
+    """Ranks along the last dim scaled to [0, 1] (ties by position; one entry gives 0)."""
+    count = scores.shape[-1]
+    order = torch.argsort(scores, dim=-1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(count).expand_as(order))
+    return ranks.to(scores.dtype) / max(count - 1, 1)
+
+
+def _calibrate(scores: torch.Tensor, t: float, s: float) -> torch.Tensor:
+    """Softmax across models (dim 0); shares above t times the mean share become s."""
+    shares = torch.softmax(scores, dim=0)
+    return torch.where(shares > t * shares.mean(), torch.full_like(shares, s), shares)
+
+
+def widen(args: MergeArgs) -> torch.Tensor:
+    """WIDEN (Yu et al. 2024, "Extend Model Merging from Fine-Tuned to Pre-Trained Large
+    Language Models via Weight Disentanglement"): per column, split weights into magnitude
+    (column norm) and direction; score each model by |m_i - m_B| and 1 - cos(D_i, D_B),
+    rank-normalise within the model, softmax across models, calibrate shares above
+    t * mean to s; the column weight is the mean of both scores; result B + sum_i w_i d_i.
+    1-D tensors use |d_i| as the only score, per entry."""
+    assert args.base is not None
+    base = args.base
+    t, s = float(args.params["t"]), float(args.params["s"])
+    deltas = torch.stack([w - base for w in args.tensors])
+    if base.dim() != 2:
+        weights = _calibrate(_rank_normalise(deltas.abs().reshape(len(deltas), -1)), t, s)
+        return base + (weights.reshape(deltas.shape) * deltas).sum(0)
+    models = torch.stack(list(args.tensors))
+    base_norm = base.norm(dim=0)
+    norms = models.norm(dim=1)
+    cos = torch.nn.functional.cosine_similarity(models, base.unsqueeze(0), dim=1, eps=1e-12)
+    magnitude = _calibrate(_rank_normalise((norms - base_norm).abs()), t, s)
+    direction = _calibrate(_rank_normalise(1 - cos), t, s)
+    weights = ((magnitude + direction) / 2).unsqueeze(1)
+    return base + (weights * deltas).sum(0)
+
+
 def _orthogonalise(stacked: torch.Tensor) -> torch.Tensor:
     """The closest matrix with orthonormal columns: P Q^T from the SVD P S Q^T."""
     p, _, qh = torch.linalg.svd(stacked, full_matrices=False)
@@ -147,5 +186,26 @@ SPECS = (
         ),
         needs_base=True,
         paper="https://arxiv.org/abs/2410.02396",
+    ),
+    MethodSpec(
+        "widen",
+        widen,
+        "Weight each model per column by its magnitude and direction change (WIDEN).",
+        (
+            ParamSpec(
+                "t",
+                "float",
+                "global",
+                "shares above t times the mean share are calibrated",
+                default=1.0,
+                minimum=0.0,
+            ),
+            ParamSpec(
+                "s", "float", "global", "the value calibrated shares are set to", default=1.0
+            ),
+        ),
+        needs_base=True,
+        min_models=2,
+        paper="https://arxiv.org/abs/2408.03092",
     ),
 )
