@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mergecli import __version__
@@ -43,6 +45,7 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 Progress = Callable[[TensorPlan], None]
+MASKS_FILE = "masks.safetensors"
 
 
 @dataclass(frozen=True)
@@ -56,12 +59,56 @@ class RunResult:
     bytes_written: int
 
 
-def compute_tensor(plan: MergePlan, tensor: TensorPlan, reader: TensorReader) -> torch.Tensor:
-    """Read the inputs of one output tensor, merge them in float32/64 and cast to its dtype."""
+@dataclass(frozen=True)
+class MaskEntry:
+    """One bit-packed mask in the masks file (shaped like a plan tensor for the writer)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "U8"
+    shard: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed mask."""
+        return math.prod(self.shape)
+
+
+def mask_entries(plan: MergePlan) -> list[MaskEntry]:
+    """`<tensor>:task<i>` for every merged tensor and task, packed along the last dim."""
+    entries = []
+    for tensor in plan.tensors:
+        if tensor.copy or tensor.base is None:
+            continue
+        shape = tensor.shape or (1,)
+        packed = (*shape[:-1], (shape[-1] + 7) // 8)
+        entries += [MaskEntry(f"{tensor.name}:task{i}", packed) for i in range(len(tensor.inputs))]
+    return entries
+
+
+def mask_folder(plan: MergePlan) -> str | None:
+    """The folder inside the output for per-task masks, when the method saves them."""
+    if plan.method.masks is None:
+        return None
+    folders = {t.params.get("save_masks") for t in plan.tensors if not t.copy} - {None}
+    return str(next(iter(folders))) if folders else None
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Bits of a bool mask packed along the last dimension (numpy.packbits order)."""
+    flat = mask.reshape(mask.shape or (1,)).numpy()
+    return torch.from_numpy(np.packbits(flat, axis=-1))
+
+
+def compute_tensor(
+    plan: MergePlan, tensor: TensorPlan, reader: TensorReader, with_masks: bool = False
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Read the inputs of one output tensor, merge them in float32/64 and cast to its dtype;
+    also return the method's per-task masks when asked."""
     out_dtype = CODE_TO_TORCH[tensor.dtype]
     if tensor.copy:
         ref = tensor.inputs[0]
-        return reader.read(plan.models[ref.model], ref.name).to(out_dtype)
+        return reader.read(plan.models[ref.model], ref.name).to(out_dtype), []
     refs = [*tensor.inputs, *([tensor.base] if tensor.base else [])]
     codes = [plan.models[r.model].tensors[r.name].dtype for r in refs]
     work = math_dtype(tensor.dtype, codes)
@@ -71,7 +118,8 @@ def compute_tensor(plan: MergePlan, tensor: TensorPlan, reader: TensorReader) ->
     result = plan.method.fn(args)
     if tensor.post_scale is not None and base is not None:
         result = base + tensor.post_scale * (result - base)
-    return _cast_checked(result, out_dtype, tensor.name)
+    masks = plan.method.masks(args) if with_masks and plan.method.masks and base is not None else []
+    return _cast_checked(result, out_dtype, tensor.name), masks
 
 
 def _load_checked(
@@ -116,14 +164,24 @@ def run_plan(
     output.check_output(out, overwrite, roots)
     work = output.start(out)
     writer = ShardWriter(work, plan.shard_names, plan.tensors)
+    folder = mask_folder(plan)
+    masks = ShardWriter(work / folder, (MASKS_FILE,), mask_entries(plan)) if folder else None
     reader = TensorReader()
     try:
         writer.open()
+        if masks is not None:
+            masks.folder.mkdir(parents=True, exist_ok=True)
+            masks.open()
         for tensor in plan.tensors:
-            writer.write(tensor.name, compute_tensor(plan, tensor, reader))
+            merged, task_masks = compute_tensor(plan, tensor, reader, masks is not None)
+            writer.write(tensor.name, merged)
+            for i, mask in enumerate(task_masks):
+                masks.write(f"{tensor.name}:task{i}", pack_mask(mask))  # type: ignore[union-attr]
             if progress is not None:
                 progress(tensor)
         writer.close()
+        if masks is not None:
+            masks.close()
         _write_side_files(plan, work, writer, recipe_text)
         seconds = time.monotonic() - started
         files = _hash_files(work)
@@ -131,6 +189,8 @@ def run_plan(
         output.finish(work, out)
     except BaseException:
         writer.abort()
+        if masks is not None:
+            masks.abort()
         output.discard(work)
         raise
     finally:
@@ -201,8 +261,8 @@ def _sha256(path: Path) -> str:
 
 def _hash_files(work: Path) -> dict[str, str]:
     return {
-        p.name: _sha256(p)
-        for p in sorted(work.iterdir())
+        p.relative_to(work).as_posix(): _sha256(p)
+        for p in sorted(work.rglob("*"))
         if p.is_file() and p.name != output.MARKER
     }
 

@@ -279,3 +279,40 @@ def test_mwa_weights_checkpoints_by_loss(
     assert (
         code == 2 and "no `loss` in the log_history of trainer_state.json for input(s) [1]" in err
     )
+
+
+def test_consensus_saves_bit_packed_task_masks(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
+    import hashlib
+    import json
+
+    import numpy as np
+
+    text = (
+        f"merge_method: consensus\nbase_model: {family['base']}\nparameters: {{k: 1, save_masks: tall}}\nmodels:\n"
+        f"  - model: {family['a']}\n    parameters: {{lambda: 0.4}}\n  - model: {family['b']}\n    parameters: {{lambda: 0.6}}\n"
+    )
+    merged(runner, tmp_path, text)
+    masks = load_file(str(tmp_path / "out" / "tall" / "masks.safetensors"))
+    b, a, c = (load(family[k]) for k in ("base", "a", "b"))
+    for name in NAMES:
+        d = [a[name].double() - b[name].double(), c[name].double() - b[name].double()]
+        total = d[0] + d[1]
+        for i, lam in enumerate([0.4, 0.6]):
+            expected = (d[i].abs() >= lam * (total - d[i]).abs()).numpy()
+            packed = masks[f"{name}:task{i}"].numpy()
+            assert np.array_equal(
+                np.unpackbits(packed, axis=-1, count=expected.shape[-1]).astype(bool), expected
+            )
+    manifest = json.loads((tmp_path / "out" / "mergecli_manifest.json").read_text())
+    digest = hashlib.sha256(
+        (tmp_path / "out" / "tall" / "masks.safetensors").read_bytes()
+    ).hexdigest()
+    assert manifest["outputs"]["tall/masks.safetensors"] == digest
+    bad = write(tmp_path / "bad.yaml", text.replace("save_masks: tall", "save_masks: ../escape"))
+    code, _, err = invoke(runner, "validate", str(bad))
+    assert (
+        code == 2
+        and "save_masks '../escape' must be a relative folder inside the output (no `..`)" in err
+    )

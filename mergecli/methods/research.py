@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import PurePosixPath
+from typing import Any
+
 import torch
 
 from mergecli.methods.blocks import keep_count, top_k_mask
@@ -14,13 +18,30 @@ def consensus(args: MergeArgs) -> torch.Tensor:
     m_i = [|d_i| >= lambda_i |d_MTL - d_i|]; keep entries where at least k masks agree;
     result B + alpha * d_MTL * consensus mask."""
     assert args.base is not None
-    deltas = [t - args.base for t in args.tensors]
-    total = torch.stack(deltas).sum(0)
-    votes = torch.zeros_like(total)
-    for delta, params in zip(deltas, args.per_model):
-        votes += (delta.abs() >= float(params["lambda"]) * (total - delta).abs()).to(total.dtype)
+    total = torch.stack([t - args.base for t in args.tensors]).sum(0)
+    votes = torch.stack(tall_masks(args)).sum(0)
     keep = votes >= int(args.params["k"])
     return args.base + float(args.params["alpha"]) * total * keep
+
+
+def tall_masks(args: MergeArgs) -> list[torch.Tensor]:
+    """Per-task TALL masks m_i = [|d_i| >= lambda_i |d_MTL - d_i|] (bool tensors)."""
+    assert args.base is not None
+    deltas = [t - args.base for t in args.tensors]
+    total = torch.stack(deltas).sum(0)
+    return [
+        delta.abs() >= float(params["lambda"]) * (total - delta).abs()
+        for delta, params in zip(deltas, args.per_model)
+    ]
+
+
+def _mask_folder_check(params: Mapping[str, Any], model: Mapping[str, Any]) -> str | None:
+    folder = params.get("save_masks")
+    if folder and (
+        PurePosixPath(folder).is_absolute() or ".." in PurePosixPath(folder).parts or "\\" in folder
+    ):
+        return f"save_masks {folder!r} must be a relative folder inside the output (no `..`)"
+    return None
 
 
 def _minmax(x: torch.Tensor) -> torch.Tensor:
@@ -143,9 +164,17 @@ SPECS = (
                 "k", "int", "global", "number of task masks that must agree", default=2, minimum=0
             ),
             ParamSpec("alpha", "float", "global", "scale of the merged task vector", default=1.0),
+            ParamSpec(
+                "save_masks",
+                "str",
+                "global",
+                "folder inside the output for the bit-packed per-task masks (off when unset)",
+            ),
         ),
         needs_base=True,
         paper="https://arxiv.org/abs/2405.07813",
+        masks=tall_masks,
+        check=_mask_folder_check,
     ),
     MethodSpec(
         "tsv",

@@ -107,6 +107,7 @@ class MethodSpec:
     check: ParamCheck | None = None
     reads: str | None = None
     prepare: Prepare | None = None
+    masks: Callable[[MergeArgs], list[torch.Tensor]] | None = None
 
     @property
     def uses_base(self) -> bool:
