@@ -316,3 +316,9 @@ def test_density_one_equals_the_unsparsified_method() -> None:
     np.testing.assert_array_equal(
         run("dare_ties", models, base, per), run("ties", models, base, per, normalize=False)
     )
+
+
+def test_passthrough_scale() -> None:
+    x = RNG.normal(size=(3, 4))
+    np.testing.assert_array_equal(run("passthrough", [x], None, [{}]), x)
+    np.testing.assert_allclose(run("passthrough", [x], None, [{}], scale=0.5), 0.5 * x, rtol=0)

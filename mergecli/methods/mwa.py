@@ -25,7 +25,10 @@ def last_metric(state: Mapping[str, Any] | None, metric: str) -> float | None:
 def mwa_weights(
     states: Sequence[Mapping[str, Any] | None], params: Mapping[str, Any]
 ) -> list[dict[str, Any]]:
-    """w_i = exp(-penalty * metric_i) / sum_j exp(-penalty * metric_j) (shifted for stability)."""
+    """w_i = exp(-penalty * metric_i) / sum_j exp(-penalty * metric_j), as a stable softmax.
+
+    `metric: step` with a negative penalty favours later checkpoints.
+    """
     metric, penalty = str(params["metric"]), float(params["penalty"])
     values = [last_metric(state, metric) for state in states]
     missing = [i for i, v in enumerate(values) if v is None]
@@ -33,9 +36,9 @@ def mwa_weights(
         raise ValueError(
             f"no `{metric}` in the log_history of trainer_state.json for input(s) {missing}"
         )
-    known = [v for v in values if v is not None]
-    low = min(known)
-    raw = [math.exp(-penalty * (v - low)) for v in known]
+    exponents = [-penalty * v for v in values if v is not None]
+    top = max(exponents)
+    raw = [math.exp(e - top) for e in exponents]
     total = sum(raw)
     return [{"weight": r / total} for r in raw]
 
@@ -59,7 +62,6 @@ SPEC = MethodSpec(
             "global",
             "penalty factor p in exp(-p * metric)",
             default=1.0,
-            minimum=0.0,
         ),
         ParamSpec(
             "metric",
