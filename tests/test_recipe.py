@@ -84,6 +84,11 @@ def test_mergekit_recipes_parse_into_the_schema(name: str) -> None:
     assert recipe.merge_method == name
 
 
+@pytest.mark.parametrize("name", sorted(MERGEKIT_STYLE))
+def test_mergekit_recipes_pass_every_check(name: str) -> None:
+    assert parse_recipe(MERGEKIT_STYLE[name]).merge_method == name
+
+
 def test_linear_and_passthrough_recipes_pass_every_check() -> None:
     recipe = parse_recipe(MERGEKIT_STYLE["linear"])
     assert recipe.dtype == "float16"
