@@ -157,6 +157,7 @@ def run_plan(
     recipe_text: str,
     overwrite: bool = False,
     progress: Progress | None = None,
+    reproducible: bool = False,
 ) -> RunResult:
     """Execute `plan` into `out` atomically and return what was written."""
     started = time.monotonic()
@@ -185,7 +186,7 @@ def run_plan(
         _write_side_files(plan, work, writer, recipe_text)
         seconds = time.monotonic() - started
         files = _hash_files(work)
-        _write_manifest(plan, work, files, seconds)
+        _write_manifest(plan, work, files, None if reproducible else seconds)
         output.finish(work, out)
     except BaseException:
         writer.abort()
@@ -267,7 +268,9 @@ def _hash_files(work: Path) -> dict[str, str]:
     }
 
 
-def _write_manifest(plan: MergePlan, work: Path, files: dict[str, str], seconds: float) -> None:
+def _write_manifest(
+    plan: MergePlan, work: Path, files: dict[str, str], seconds: float | None
+) -> None:
     inputs = []
     for ref, model in zip(plan.refs, plan.models):
         entry: dict[str, Any] = {"ref": str(ref), "commit": model.source.commit}
@@ -281,6 +284,7 @@ def _write_manifest(plan: MergePlan, work: Path, files: dict[str, str], seconds:
         "seed": plan.seed,
         "inputs": inputs,
         "outputs": files,
-        "wall_seconds": round(seconds, 3),
     }
+    if seconds is not None:
+        manifest["wall_seconds"] = round(seconds, 3)
     _write_json(work / "mergecli_manifest.json", manifest)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -50,11 +51,18 @@ def run(
     ] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    reproducible: Annotated[
+        bool,
+        typer.Option(
+            "--reproducible", help="Leave timings out of the manifest: byte-identical reruns."
+        ),
+    ] = False,
     progress: Annotated[
         bool, typer.Option("--progress", help="Show progress even when stderr is not a terminal.")
     ] = False,
 ) -> None:
     """Merge the models of RECIPE into the folder OUT."""
+    signal.signal(signal.SIGTERM, _terminate)
     if threads is not None:
         import torch
 
@@ -72,7 +80,7 @@ def run(
         return
     text = recipe.read_text(encoding="utf-8")
     show = not quiet and (progress or sys.stderr.isatty())
-    result = _execute(plan, out, text, overwrite, show)
+    result = _execute(plan, out, text, overwrite, show, reproducible)
     if as_json:
         print(json.dumps(_summary(result, plan, time.monotonic() - started), indent=2))
     elif not quiet:
@@ -90,9 +98,16 @@ def _notes(plan: MergePlan) -> None:
         STDERR.print(f"warning: {warning}", markup=False)
 
 
-def _execute(plan: MergePlan, out: Path, text: str, overwrite: bool, show: bool) -> RunResult:
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM ends a run like Ctrl-C: clean up, exit 130."""
+    raise KeyboardInterrupt
+
+
+def _execute(
+    plan: MergePlan, out: Path, text: str, overwrite: bool, show: bool, reproducible: bool
+) -> RunResult:
     if not show:
-        return run_plan(plan, out, text, overwrite)
+        return run_plan(plan, out, text, overwrite, reproducible=reproducible)
     columns = (
         TextColumn("merging"),
         BarColumn(),
@@ -108,7 +123,7 @@ def _execute(plan: MergePlan, out: Path, text: str, overwrite: bool, show: bool)
             done[0] += tensor.nbytes
             bar.update(task, advance=tensor.nbytes, size=format_size(done[0]))
 
-        return run_plan(plan, out, text, overwrite, advance)
+        return run_plan(plan, out, text, overwrite, advance, reproducible)
 
 
 def _peak_rss() -> int:

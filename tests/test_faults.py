@@ -1,0 +1,182 @@
+"""Faults: interrupts, a full disk, a crashing method; reruns are byte-identical; no token leaks."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from conftest import hub_cache_model, invoke, write
+from mergecli import methods
+
+
+@pytest.fixture(scope="session")
+def big_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two 120-layer models of 1 MB tensors: slow enough to interrupt mid-merge."""
+    root = tmp_path_factory.mktemp("big")
+    folders = []
+    for seed in (1, 2):
+        folder = root / f"m{seed}"
+        folder.mkdir()
+        (folder / "config.json").write_text(
+            json.dumps({"model_type": "toy", "num_hidden_layers": 120})
+        )
+        tensors = {
+            f"model.layers.{i}.w": torch.full((1024, 256), float(seed + i)) for i in range(120)
+        }
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        folders.append(folder)
+    return folders[0], folders[1]
+
+
+def big_recipe(tmp_path: Path, pair: tuple[Path, Path]) -> Path:
+    return write(
+        tmp_path / "r.yaml",
+        f"merge_method: linear\nmodels:\n  - model: {pair[0]}\n    parameters: {{weight: 1}}\n"
+        f"  - model: {pair[1]}\n    parameters: {{weight: 1}}\n",
+    )
+
+
+def start(args: list[str], **kwargs: object) -> subprocess.Popen[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "mergecli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        **kwargs,  # type: ignore[call-overload]
+    )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_mid_merge_leaves_nothing(
+    big_pair: tuple[Path, Path], tmp_path: Path, signum: int
+) -> None:
+    out = tmp_path / "out"
+    proc = start(["run", str(big_recipe(tmp_path, big_pair)), "-o", str(out)])
+    shard = tmp_path / "out.partial" / "model.safetensors"
+    deadline = time.monotonic() + 60
+    while not (shard.exists() and shard.stat().st_size > 0) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted; no output folder was left behind" in err
+    assert "Traceback" not in err
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def _limit_file_size() -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (5_000_000, 5_000_000))
+
+
+def test_disk_full_is_exit_5_and_cleans_up(big_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = start(
+        ["run", str(big_recipe(tmp_path, big_pair)), "-o", str(out)], preexec_fn=_limit_file_size
+    )
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 5, err
+    assert "disk full while writing the output" in err
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_a_crashing_method_is_exit_1_and_cleans_up(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(args: object) -> torch.Tensor:
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(
+        methods.REGISTRY, "linear", dataclasses.replace(methods.REGISTRY["linear"], fn=boom)
+    )
+    recipe = write(
+        tmp_path / "r.yaml",
+        f"merge_method: linear\nmodels:\n  - model: {family['a']}\n    parameters: {{weight: 1}}\n",
+    )
+    code, _, err = invoke(runner, "run", str(recipe), "-o", str(tmp_path / "out"))
+    assert code == 1
+    assert "internal error: RuntimeError: boom" in err and "please report it" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    code, _, err = invoke(runner, "-v", "run", str(recipe), "-o", str(tmp_path / "out"))
+    assert code == 1 and "Traceback" in err
+
+
+def test_reproducible_reruns_are_byte_identical(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
+    recipe = write(
+        tmp_path / "r.yaml",
+        f"merge_method: dare_ties\nbase_model: {family['base']}\nmodels:\n"
+        f"  - model: {family['a']}\n    parameters: {{weight: 1, density: 0.5}}\n"
+        f"  - model: {family['b']}\n    parameters: {{weight: 1, density: 0.5}}\n",
+    )
+    contents = []
+    for i, threads in enumerate(("1", "2")):
+        out = tmp_path / f"o{i}"
+        assert (
+            invoke(
+                runner, "run", str(recipe), "-o", str(out), "--reproducible", "--threads", threads
+            )[0]
+            == 0
+        )
+        contents.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+    assert contents[0] == contents[1]
+    assert "wall_seconds" not in json.loads(contents[0]["mergecli_manifest.json"])
+
+
+def test_no_token_is_printed_or_written(family: dict[str, Path], tmp_path: Path) -> None:
+    token = "hf_TopSecretToken0123456789"
+    cache = tmp_path / "cache"
+    hub_cache_model(cache, "org/tiny-a", family["a"], "ab" * 20)
+    recipe = write(
+        tmp_path / "r.yaml",
+        "merge_method: linear\nmodels:\n  - model: org/tiny-a\n    parameters: {weight: 1}\n",
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_TOKEN": token}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mergecli",
+            "run",
+            str(recipe),
+            "-o",
+            str(tmp_path / "out"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert token not in done.stdout + done.stderr
+    for path in (tmp_path / "out").iterdir():
+        assert token.encode() not in path.read_bytes()
+
+
+def test_output_under_a_file_is_exit_5(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
+    (tmp_path / "afile").write_text("x")
+    recipe = write(
+        tmp_path / "r.yaml",
+        f"merge_method: linear\nmodels:\n  - model: {family['a']}\n    parameters: {{weight: 1}}\n",
+    )
+    code, _, err = invoke(runner, "run", str(recipe), "-o", str(tmp_path / "afile" / "out"))
+    assert code == 5 and "cannot create" in err
