@@ -57,6 +57,7 @@ class RunResult:
     seconds: float
     tensors: int
     bytes_written: int
+    clamped: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -100,15 +101,28 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.packbits(flat, axis=-1))
 
 
+@dataclass(frozen=True)
+class Computed:
+    """One merged tensor, its per-task masks (when asked) and how many values were clamped."""
+
+    tensor: torch.Tensor
+    masks: list[torch.Tensor]
+    clamped: int = 0
+
+
 def compute_tensor(
-    plan: MergePlan, tensor: TensorPlan, reader: TensorReader, with_masks: bool = False
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    plan: MergePlan,
+    tensor: TensorPlan,
+    reader: TensorReader,
+    with_masks: bool = False,
+    clamp: bool = False,
+) -> Computed:
     """Read the inputs of one output tensor, merge them in float32/64 and cast to its dtype;
     also return the method's per-task masks when asked."""
     out_dtype = CODE_TO_TORCH[tensor.dtype]
     if tensor.copy:
         ref = tensor.inputs[0]
-        return reader.read(plan.models[ref.model], ref.name).to(out_dtype), []
+        return Computed(reader.read(plan.models[ref.model], ref.name).to(out_dtype), [])
     refs = [*tensor.inputs, *([tensor.base] if tensor.base else [])]
     codes = [plan.models[r.model].tensors[r.name].dtype for r in refs]
     work = math_dtype(tensor.dtype, codes)
@@ -119,7 +133,8 @@ def compute_tensor(
     if tensor.post_scale is not None and base is not None:
         result = base + tensor.post_scale * (result - base)
     masks = plan.method.masks(args) if with_masks and plan.method.masks and base is not None else []
-    return _cast_checked(result, out_dtype, tensor.name), masks
+    cast, clamped = _cast_checked(result, out_dtype, tensor.name, clamp)
+    return Computed(cast, masks, clamped)
 
 
 def _load_checked(
@@ -135,20 +150,27 @@ def _load_checked(
     return tensor
 
 
-def _cast_checked(result: torch.Tensor, out_dtype: torch.dtype, name: str) -> torch.Tensor:
+def _cast_checked(
+    result: torch.Tensor, out_dtype: torch.dtype, name: str, clamp: bool
+) -> tuple[torch.Tensor, int]:
+    """Cast to the output dtype; values beyond its range are an error, or clamped (counted)."""
     if not torch.isfinite(result).all():
         raise NumericsError(
             f"merged tensor `{name}` has NaN/Inf values", hint="check the method's parameters"
         )
+    over = 0
     if out_dtype.is_floating_point and result.numel():
         limit = torch.finfo(out_dtype).max
-        peak = float(result.abs().max())
-        if peak > limit:
+        over = int((result.abs() > limit).sum())
+        if over and not clamp:
+            peak = float(result.abs().max())
             raise NumericsError(
                 f"merged tensor `{name}` reaches {peak:.4g}, beyond the {out_dtype} range ({limit:.4g})",
-                hint="use out_dtype: bfloat16 or float32",
+                hint="use out_dtype: bfloat16 or float32, or pass --clamp-overflow",
             )
-    return result.to(out_dtype)
+        if over:
+            result = result.clamp(-limit, limit)
+    return result.to(out_dtype), over
 
 
 def run_plan(
@@ -158,6 +180,7 @@ def run_plan(
     overwrite: bool = False,
     progress: Progress | None = None,
     reproducible: bool = False,
+    clamp_overflow: bool = False,
 ) -> RunResult:
     """Execute `plan` into `out` atomically and return what was written."""
     started = time.monotonic()
@@ -168,15 +191,18 @@ def run_plan(
     folder = mask_folder(plan)
     masks = ShardWriter(work / folder, (MASKS_FILE,), mask_entries(plan)) if folder else None
     reader = TensorReader()
+    clamped: dict[str, int] = {}
     try:
         writer.open()
         if masks is not None:
             masks.folder.mkdir(parents=True, exist_ok=True)
             masks.open()
         for tensor in plan.tensors:
-            merged, task_masks = compute_tensor(plan, tensor, reader, masks is not None)
-            writer.write(tensor.name, merged)
-            for i, mask in enumerate(task_masks):
+            done = compute_tensor(plan, tensor, reader, masks is not None, clamp_overflow)
+            writer.write(tensor.name, done.tensor)
+            if done.clamped:
+                clamped[tensor.name] = done.clamped
+            for i, mask in enumerate(done.masks):
                 masks.write(f"{tensor.name}:task{i}", pack_mask(mask))  # type: ignore[union-attr]
             if progress is not None:
                 progress(tensor)
@@ -196,7 +222,7 @@ def run_plan(
         raise
     finally:
         reader.close()
-    return RunResult(out, files, seconds, len(plan.tensors), plan.total_bytes)
+    return RunResult(out, files, seconds, len(plan.tensors), plan.total_bytes, clamped)
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -330,8 +330,29 @@ class _Builder:
         data = json.loads(source.local(filename).read_text(encoding="utf-8"))
         return data if isinstance(data, dict) else None
 
+    def _check_architectures(self, groups: list[_Group]) -> None:
+        """Every input must be the same `model_type` as the base (or first) model."""
+        template = self.models[self.template]
+        expected = template.config.get("model_type")
+        seen: set[int] = set()
+        for source in (s for g in groups for s in g.sources):
+            found = self.models[source.model].config.get("model_type")
+            if source.model in seen or None in (expected, found) or found == expected:
+                continue
+            seen.add(source.model)
+            self.problems.append(
+                Problem(
+                    source.where,
+                    f"{self.models[source.model].label} is a `{found}` model but "
+                    f"{template.label} is `{expected}`",
+                    "merge models of one architecture (same model_type in config.json)",
+                    code=4,
+                )
+            )
+
     def build(self) -> list[TensorPlan]:
         groups = self.groups()
+        self._check_architectures(groups)
         self._prepare(groups)
         if self.recipe.models:
             self._check_same_tensors(groups[0])

@@ -51,6 +51,13 @@ def run(
     ] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    clamp_overflow: Annotated[
+        bool,
+        typer.Option(
+            "--clamp-overflow",
+            help="Clamp values beyond the output dtype's range (reported) instead of failing.",
+        ),
+    ] = False,
     reproducible: Annotated[
         bool,
         typer.Option(
@@ -80,7 +87,11 @@ def run(
         return
     text = recipe.read_text(encoding="utf-8")
     show = not quiet and (progress or sys.stderr.isatty())
-    result = _execute(plan, out, text, overwrite, show, reproducible)
+    result = _execute(plan, out, text, overwrite, show, reproducible, clamp_overflow)
+    for name, count in result.clamped.items():
+        STDERR.print(
+            f"warning: clamped {count} values of `{name}` to the output dtype's range", markup=False
+        )
     if as_json:
         print(json.dumps(_summary(result, plan, time.monotonic() - started), indent=2))
     elif not quiet:
@@ -104,10 +115,16 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def _execute(
-    plan: MergePlan, out: Path, text: str, overwrite: bool, show: bool, reproducible: bool
+    plan: MergePlan,
+    out: Path,
+    text: str,
+    overwrite: bool,
+    show: bool,
+    reproducible: bool,
+    clamp: bool,
 ) -> RunResult:
     if not show:
-        return run_plan(plan, out, text, overwrite, reproducible=reproducible)
+        return run_plan(plan, out, text, overwrite, reproducible=reproducible, clamp_overflow=clamp)
     columns = (
         TextColumn("merging"),
         BarColumn(),
@@ -123,7 +140,7 @@ def _execute(
             done[0] += tensor.nbytes
             bar.update(task, advance=tensor.nbytes, size=format_size(done[0]))
 
-        return run_plan(plan, out, text, overwrite, advance, reproducible)
+        return run_plan(plan, out, text, overwrite, advance, reproducible, clamp)
 
 
 def _peak_rss() -> int:
@@ -146,6 +163,7 @@ def _summary(result: RunResult, plan: MergePlan, total: float) -> dict[str, obje
         "files": result.files,
         "timings": {"merge_seconds": round(result.seconds, 3), "total_seconds": round(total, 3)},
         "peak_rss_bytes": _peak_rss(),
+        "clamped": result.clamped,
     }
 
 
