@@ -136,8 +136,8 @@ def test_no_weights_and_no_config(
             "models[0].model: a model reference cannot be empty",
         ),
         (
-            "merge_method: linear\nmodels:\n  - model: a/b\n    parameters: {weight: 1}\nmodules: {}\nslices: []\n",
-            "give exactly one of",
+            "merge_method: 12\nmodels:\n  - model: a/b\n",
+            "merge_method: Input should be a valid string (found 12)",
         ),
         (
             "merge_method: linear\nmodels:\n  - model: a/b+lora/x\n    parameters: {weight: 1}\n",
