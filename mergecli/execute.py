@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from mergecli import __version__
+from mergecli import progress as progress_file
 from mergecli.card import render_card
 from mergecli.errors import NumericsError
 from mergecli.io import output
@@ -58,6 +59,7 @@ class RunResult:
     tensors: int
     bytes_written: int
     clamped: dict[str, int]
+    reused_shards: int = 0
 
 
 @dataclass(frozen=True)
@@ -181,38 +183,57 @@ def run_plan(
     progress: Progress | None = None,
     reproducible: bool = False,
     clamp_overflow: bool = False,
+    resume: bool = False,
+    verify: bool = False,
 ) -> RunResult:
-    """Execute `plan` into `out` atomically and return what was written."""
+    """Execute `plan` into `out` atomically and return what was written.
+
+    With `resume`, shards finished by an earlier run that was killed (and recorded in
+    `OUT.partial`) are reused when their fingerprint and sha256 still match.
+    """
     started = time.monotonic()
     roots = [m.source.root for m in plan.models if isinstance(m.source, LocalSource)]
     output.check_output(out, overwrite, roots)
-    work = output.start(out)
+    work = output.start(out, resume)
     writer = ShardWriter(work, plan.shard_names, plan.tensors)
     folder = mask_folder(plan)
     masks = ShardWriter(work / folder, (MASKS_FILE,), mask_entries(plan)) if folder else None
+    print_ = progress_file.fingerprint(plan, recipe_text)
+    keep = frozenset() if masks else frozenset(progress_file.finished_shards(work, plan, print_))
+    last = {t.shard: i for i, t in enumerate(plan.tensors)}
+    recorded = {
+        plan.shard_names[i]: progress_file.sha256_file(work / plan.shard_names[i]) for i in keep
+    }
     reader = TensorReader()
     clamped: dict[str, int] = {}
     try:
-        writer.open()
+        writer.open(keep)
         if masks is not None:
             masks.folder.mkdir(parents=True, exist_ok=True)
             masks.open()
-        for tensor in plan.tensors:
-            done = compute_tensor(plan, tensor, reader, masks is not None, clamp_overflow)
-            writer.write(tensor.name, done.tensor)
-            if done.clamped:
-                clamped[tensor.name] = done.clamped
-            for i, mask in enumerate(done.masks):
-                masks.write(f"{tensor.name}:task{i}", pack_mask(mask))  # type: ignore[union-attr]
+        for index, tensor in enumerate(plan.tensors):
+            if tensor.shard not in keep:
+                done = compute_tensor(plan, tensor, reader, masks is not None, clamp_overflow)
+                writer.write(tensor.name, done.tensor)
+                if done.clamped:
+                    clamped[tensor.name] = done.clamped
+                for i, mask in enumerate(done.masks):
+                    masks.write(f"{tensor.name}:task{i}", pack_mask(mask))  # type: ignore[union-attr]
+                if last[tensor.shard] == index:
+                    writer.finish_shard(tensor.shard)
+                    name = plan.shard_names[tensor.shard]
+                    recorded[name] = progress_file.sha256_file(work / name)
+                    progress_file.record(work, print_, recorded)
             if progress is not None:
                 progress(tensor)
         writer.close()
+        (work / progress_file.PROGRESS).unlink(missing_ok=True)
         if masks is not None:
             masks.close()
         _write_side_files(plan, work, writer, recipe_text)
         seconds = time.monotonic() - started
         files = _hash_files(work)
-        _write_manifest(plan, work, files, None if reproducible else seconds)
+        _write_manifest(plan, work, files, None if reproducible else seconds, verify)
         output.finish(work, out)
     except BaseException:
         writer.abort()
@@ -222,7 +243,7 @@ def run_plan(
         raise
     finally:
         reader.close()
-    return RunResult(out, files, seconds, len(plan.tensors), plan.total_bytes, clamped)
+    return RunResult(out, files, seconds, len(plan.tensors), plan.total_bytes, clamped, len(keep))
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -278,36 +299,30 @@ def _write_chat_template(work: Path, template: str) -> None:
     _write_json(config_path, config)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _hash_files(work: Path) -> dict[str, str]:
     return {
-        p.relative_to(work).as_posix(): _sha256(p)
+        p.relative_to(work).as_posix(): progress_file.sha256_file(p)
         for p in sorted(work.rglob("*"))
         if p.is_file() and p.name != output.MARKER
     }
 
 
 def _write_manifest(
-    plan: MergePlan, work: Path, files: dict[str, str], seconds: float | None
+    plan: MergePlan, work: Path, files: dict[str, str], seconds: float | None, verify: bool
 ) -> None:
-    inputs = []
-    for ref, model in zip(plan.refs, plan.models):
-        entry: dict[str, Any] = {"ref": str(ref), "commit": model.source.commit}
-        if isinstance(model.source, LocalSource):
-            entry["path"] = str(model.source.root)
-        inputs.append(entry)
+    inputs = progress_file.input_files(plan)
+    if verify:
+        for entry in inputs:
+            root = Path(entry["path"]) if "path" in entry else None
+            for name, facts in (entry.get("files") or {}).items():
+                facts["sha256"] = progress_file.sha256_file(root / name)  # type: ignore[operator]
+    recipe_text = (work / "mergecli_recipe.yaml").read_bytes()
     manifest = {
         "tool": "mergecli",
         "version": __version__,
         "method": plan.method.name,
         "seed": plan.seed,
+        "recipe_sha256": hashlib.sha256(recipe_text).hexdigest(),
         "inputs": inputs,
         "outputs": files,
     }

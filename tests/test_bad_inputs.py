@@ -193,3 +193,8 @@ def test_revision_on_a_local_folder(
     )
     code, _, err = invoke(runner, "validate", str(recipe))
     assert code == 2 and "a revision (@main) only applies to Hub models" in err
+
+
+def test_missing_recipe_file(tmp_path: Path, runner: CliRunner) -> None:
+    code, _, err = invoke(runner, "validate", str(tmp_path / "nope.yaml"))
+    assert code == 2 and f"recipe file {tmp_path / 'nope.yaml'} does not exist" in err

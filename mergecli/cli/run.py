@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -51,6 +53,17 @@ def run(
     ] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Reuse shards finished by a killed run of the same recipe (in OUT.partial).",
+        ),
+    ] = False,
+    verify: Annotated[
+        bool,
+        typer.Option("--verify", help="Hash every local input file into the manifest (slower)."),
+    ] = False,
     clamp_overflow: Annotated[
         bool,
         typer.Option(
@@ -87,7 +100,10 @@ def run(
         return
     text = recipe.read_text(encoding="utf-8")
     show = not quiet and (progress or sys.stderr.isatty())
-    result = _execute(plan, out, text, overwrite, show, reproducible, clamp_overflow)
+    options = RunOptions(overwrite, reproducible, clamp_overflow, resume, verify)
+    result = _execute(plan, out, text, show, options)
+    if result.reused_shards:
+        STDERR.print(f"resumed: reused {result.reused_shards} of {len(plan.shard_names)} shards")
     for name, count in result.clamped.items():
         STDERR.print(
             f"warning: clamped {count} values of `{name}` to the output dtype's range", markup=False
@@ -114,17 +130,21 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _execute(
-    plan: MergePlan,
-    out: Path,
-    text: str,
-    overwrite: bool,
-    show: bool,
-    reproducible: bool,
-    clamp: bool,
-) -> RunResult:
+@dataclass(frozen=True)
+class RunOptions:
+    """How to write the output."""
+
+    overwrite: bool
+    reproducible: bool
+    clamp_overflow: bool
+    resume: bool
+    verify: bool
+
+
+def _execute(plan: MergePlan, out: Path, text: str, show: bool, options: RunOptions) -> RunResult:
+    kwargs = dataclasses.asdict(options)
     if not show:
-        return run_plan(plan, out, text, overwrite, reproducible=reproducible, clamp_overflow=clamp)
+        return run_plan(plan, out, text, **kwargs)
     columns = (
         TextColumn("merging"),
         BarColumn(),
@@ -140,7 +160,7 @@ def _execute(
             done[0] += tensor.nbytes
             bar.update(task, advance=tensor.nbytes, size=format_size(done[0]))
 
-        return run_plan(plan, out, text, overwrite, advance, reproducible, clamp)
+        return run_plan(plan, out, text, progress=advance, **kwargs)
 
 
 def _peak_rss() -> int:

@@ -35,9 +35,12 @@ def partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def start(out: Path) -> Path:
-    """Create a fresh work folder beside `out` (removing a stale one of ours)."""
+def start(out: Path, resume: bool = False) -> Path:
+    """Create a fresh work folder beside `out` (removing a stale one of ours), or with
+    `resume` keep an existing one of ours."""
     work = partial_dir(out)
+    if resume and (work / MARKER).is_file():
+        return work
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         if work.exists():

@@ -40,7 +40,7 @@ class ShardWriter:
         self.slots: dict[str, TensorSlot] = {}
         self._headers: list[bytes] = []
         self._sizes: list[int] = []
-        self._fds: list[int] = []
+        self._fds: dict[int, int] = {}
         self._layout(tensors)
 
     def _layout(self, tensors: Sequence[Any]) -> None:
@@ -73,15 +73,27 @@ class ShardWriter:
         """Final size in bytes of each shard file."""
         return tuple(self._sizes)
 
-    def open(self) -> None:
-        """Create every shard file and write its header."""
+    def open(self, keep: frozenset[int] = frozenset()) -> None:
+        """Create every shard file and write its header; shards in `keep` are left as they are."""
         try:
-            for name, header in zip(self.shard_names, self._headers):
+            for index, (name, header) in enumerate(zip(self.shard_names, self._headers)):
+                if index in keep:
+                    continue
                 fd = os.open(self.folder / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-                self._fds.append(fd)
+                self._fds[index] = fd
                 _pwrite_all(fd, header, 0)
         except OSError as exc:
             raise _output_error(exc) from None
+
+    def finish_shard(self, index: int) -> None:
+        """Flush and close one complete shard."""
+        fd = self._fds.pop(index)
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise _output_error(exc) from None
+        finally:
+            os.close(fd)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write `tensor` (already in its output dtype) at its slot."""
@@ -99,7 +111,7 @@ class ShardWriter:
 
     def close(self) -> None:
         """Flush and close every shard file."""
-        fds, self._fds = self._fds, []
+        fds, self._fds = list(self._fds.values()), {}
         error: OSError | None = None
         for fd in fds:
             try:
@@ -112,9 +124,9 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Close without flushing (the folder is about to be removed)."""
-        for fd in self._fds:
+        for fd in self._fds.values():
             os.close(fd)
-        self._fds = []
+        self._fds = {}
 
     def index(self) -> dict[str, Any]:
         """The `model.safetensors.index.json` document."""
