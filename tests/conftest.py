@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,6 +91,13 @@ def invoke(runner: CliRunner, *args: str) -> tuple[int, str, str]:
     """Run the CLI in-process; return (exit code, stdout, stderr)."""
     result = runner.invoke(app, list(args))
     return result.exit_code, result.stdout, result.stderr
+
+
+def run_subprocess(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run `python -m mergecli ARGS` offline, with extra environment variables."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
+    command = [sys.executable, "-m", "mergecli", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=full_env, check=False)
 
 
 def write(path: Path, text: str) -> Path:

@@ -200,9 +200,14 @@ def test_missing_recipe_file(tmp_path: Path, runner: CliRunner) -> None:
     assert code == 2 and f"recipe file {tmp_path / 'nope.yaml'} does not exist" in err
 
 
-def test_different_layer_counts_in_models_form(family: dict[str, Path], tmp_path: Path, runner: CliRunner) -> None:
+def test_different_layer_counts_in_models_form(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
     recipe = write(tmp_path / "r.yaml", linear_of(family["a"], family["deep"]))
     code, _, err = invoke(runner, "run", str(recipe), "-o", str(tmp_path / "out"))
     assert code == 4
-    assert f"models[1]: {family['deep']} has 18 tensors that {family['a']} lacks (e.g. `model.layers.3.input_layernorm.weight`)" in err
+    assert (
+        f"models[1]: {family['deep']} has 18 tensors that {family['a']} lacks (e.g. `model.layers.3.input_layernorm.weight`)"
+        in err
+    )
     assert "to combine different depths use `slices:`" in err

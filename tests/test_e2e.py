@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from conftest import hub_cache_model, invoke, read_json, write
+from conftest import hub_cache_model, invoke, read_json, run_subprocess, write
 
 
 def state(folder: Path) -> dict[str, torch.Tensor]:
@@ -262,18 +260,8 @@ def test_plan_json_resolves_parameters(
 
 def test_subprocess_run_and_exit_codes(family: dict[str, Path], tmp_path: Path) -> None:
     recipe = write(tmp_path / "r.yaml", linear_recipe(family))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "mergecli",
-        "run",
-        str(recipe),
-        "-o",
-        str(tmp_path / "out"),
-        "--json",
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    args = ("run", str(recipe), "-o", str(tmp_path / "out"), "--json")
+    done = run_subprocess(*args)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["status"] == "ok" and summary["tensors"] == 30
@@ -281,7 +269,7 @@ def test_subprocess_run_and_exit_codes(family: dict[str, Path], tmp_path: Path) 
         summary["files"]["model.safetensors"]
         == read_json(tmp_path / "out" / "mergecli_manifest.json")["outputs"]["model.safetensors"]
     )  # type: ignore[index]
-    again = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    again = run_subprocess(*args)
     assert again.returncode == 5
     assert "already exists and is not empty" in again.stderr and "Traceback" not in again.stderr
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from conftest import hub_cache_model, invoke, write
+from conftest import hub_cache_model, invoke, run_subprocess, write
 from mergecli import methods
 
 
@@ -147,23 +147,8 @@ def test_no_token_is_printed_or_written(family: dict[str, Path], tmp_path: Path)
         tmp_path / "r.yaml",
         "merge_method: linear\nmodels:\n  - model: org/tiny-a\n    parameters: {weight: 1}\n",
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_TOKEN": token}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mergecli",
-            "run",
-            str(recipe),
-            "-o",
-            str(tmp_path / "out"),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
+    args = ("run", str(recipe), "-o", str(tmp_path / "out"), "--json")
+    done = run_subprocess(*args, HF_HUB_CACHE=str(cache), HF_TOKEN=token)
     assert done.returncode == 0, done.stderr
     assert token not in done.stdout + done.stderr
     for path in (tmp_path / "out").iterdir():
