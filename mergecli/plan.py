@@ -197,7 +197,9 @@ class _Builder:
         self.problems: list[Problem] = []
         self.notes: list[str] = []
         self.template = self._template_index()
-        self.stack, self.depth = self._main_stack()
+        self.main_stacks = [_main_stack_of(m) for m in models]
+        self.stack = self.main_stacks[self.template]
+        self.depth = layer_counts(list(models[self.template].tensors)).get(self.stack or "", 0)
         self.layer_sources: list[tuple[int, int]] = []
         self._mismatches: dict[int, int] = {}
 
@@ -211,13 +213,6 @@ class _Builder:
         if recipe.models:
             return self._index(recipe.models[0].model)
         return self._index(recipe.slices[0].sources[0].model) if recipe.slices else 0
-
-    def _main_stack(self) -> tuple[str | None, int]:
-        counts = layer_counts(list(self.models[self.template].tensors))
-        if not counts:
-            return None, 0
-        stack = max(counts, key=lambda s: counts[s])
-        return stack, counts[stack]
 
     # groups -----------------------------------------------------------------
 
@@ -370,22 +365,18 @@ class _Builder:
         out += self._plan_other_stacks(groups[0])
         return out
 
-    def _layer_template_names(self, model: ModelInfo, index: int) -> list[tuple[str, str]]:
+    def _layer_template_names(self, model: int, index: int) -> list[tuple[str, str]]:
         """(stack prefix, rest) of the tensors of layer `index` in the main stack of `model`."""
         out = []
-        for name in model.tensors:
+        for name in self.models[model].tensors:
             split = split_layer(name)
-            if split is not None and split.index == index and self._is_main(model, split.stack):
+            if (
+                split is not None
+                and split.index == index
+                and split.stack == self.main_stacks[model]
+            ):
                 out.append((split.stack, split.rest))
         return out
-
-    def _is_main(self, model: ModelInfo, stack: str) -> bool:
-        counts = layer_counts(list(model.tensors))
-        return bool(counts) and stack == max(counts, key=lambda s: counts[s])
-
-    def _stack_of(self, model: ModelInfo) -> str | None:
-        counts = layer_counts(list(model.tensors))
-        return max(counts, key=lambda s: counts[s]) if counts else None
 
     def _plan_layers(self, groups: list[_Group]) -> list[TensorPlan]:
         out: list[TensorPlan] = []
@@ -394,13 +385,14 @@ class _Builder:
         for group in groups:
             for k in range(group.length):
                 t = k / (group.length - 1) if group.length > 1 else 1.0
-                first = self.models[group.sources[0].model]
-                names = self._layer_template_names(first, group.sources[0].start + k)
+                names = self._layer_template_names(
+                    group.sources[0].model, group.sources[0].start + k
+                )
                 self.layer_sources.append((group.sources[0].model, group.sources[0].start + k))
                 for _, rest in names:
                     inputs = []
                     for source in group.sources:
-                        stack = self._stack_of(self.models[source.model])
+                        stack = self.main_stacks[source.model]
                         inputs.append(f"{stack}.{source.start + k}.{rest}")
                     out_name = f"{out_stack}.{out_layer}.{rest}"
                     out += self._plan(out_name, group, inputs, "layer", out_layer, t)
@@ -648,6 +640,12 @@ def apply_lines(recipe: Recipe, tensors: list[TensorPlan]) -> list[TensorPlan]:
         scale = lines.alpha + lines.beta * frac
         out.append(replace(tensor, post_scale=scale) if tensor.base is not None else tensor)
     return out
+
+
+def _main_stack_of(model: ModelInfo) -> str | None:
+    """The layer stack with the most layers (the decoder of a causal LM)."""
+    counts = layer_counts(list(model.tensors))
+    return max(counts, key=lambda s: counts[s]) if counts else None
 
 
 def _lookup(name: str, tensor: str, t: float, blocks: Sequence[Parameters | None]) -> Any:

@@ -58,23 +58,23 @@ def fingerprint(plan: MergePlan, recipe_text: str) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def finished_shards(work: Path, plan: MergePlan, print_: str) -> set[int]:
-    """Indices of shards recorded in `work` whose fingerprint and sha256 still match."""
+def finished_shards(work: Path, plan: MergePlan, print_: str) -> dict[int, str]:
+    """Shards recorded in `work` whose fingerprint and sha256 still match: index -> sha256."""
     path = work / PROGRESS
     if not path.is_file():
-        return set()
+        return {}
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
-        return set()
+        return {}
     if not isinstance(doc, dict) or doc.get("fingerprint") != print_:
-        return set()
-    done = set()
+        return {}
+    done = {}
     for index, name in enumerate(plan.shard_names):
         recorded = (doc.get("shards") or {}).get(name)
         shard = work / name
         if recorded and shard.is_file() and sha256_file(shard) == recorded:
-            done.add(index)
+            done[index] = recorded
     return done
 
 
