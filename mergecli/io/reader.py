@@ -1,54 +1,80 @@
-"""Read tensors lazily: memory-mapped safetensors (`safe_open`) or safely loaded `.bin`."""
+"""Read tensors one at a time with positioned reads (safetensors) or safely loaded `.bin`.
+
+safetensors files are read with `readinto` at the offsets of their header rather than
+memory-mapped: pages of a mapped file stay resident in the process after use, so a merge
+that maps its inputs ends with their whole size in RSS. Reading into a fresh buffer keeps
+resident memory to the tensors in flight.
+"""
 
 from __future__ import annotations
 
+import io
 import threading
+from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from mergecli.errors import CorruptFileError
 from mergecli.io.checkpoint import ModelInfo, load_bin
+from mergecli.io.dtypes import CODE_TO_TORCH
+from mergecli.io.header import Header, read_header
+
+
+class _SafetensorsFile:
+    """An open safetensors file and its parsed header."""
+
+    def __init__(self, path: Path) -> None:
+        self.header: Header = read_header(path)
+        self.handle: io.BufferedReader = path.open("rb")
+        self.lock = threading.Lock()
+
+    def read(self, name: str) -> torch.Tensor:
+        entry = self.header.entries[name]
+        out = torch.empty(entry.end - entry.begin, dtype=torch.uint8)
+        with self.lock:
+            self.handle.seek(self.header.data_start + entry.begin)
+            got = self.handle.readinto(out.numpy().data)
+        if got != entry.end - entry.begin:
+            raise OSError(f"short read of `{name}` ({got} of {entry.end - entry.begin} bytes)")
+        return out.view(CODE_TO_TORCH[entry.dtype]).reshape(entry.shape)
 
 
 class TensorReader:
     """Opens each input file once and hands out tensors by (model, name)."""
 
     def __init__(self) -> None:
-        self._handles: dict[tuple[str, str], Any] = {}
+        self._files: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
 
-    def _handle(self, model: ModelInfo, filename: str) -> Any:
+    def _open(self, model: ModelInfo, filename: str) -> Any:
         key = (model.label, filename)
         with self._lock:
-            if key not in self._handles:
+            if key not in self._files:
                 path = model.source.local(filename)
                 if model.weight_format == "bin":
-                    self._handles[key] = load_bin(path, model.label)
+                    self._files[key] = load_bin(path, model.label)
                 else:
-                    try:
-                        self._handles[key] = safe_open(str(path), framework="pt")
-                    except Exception as exc:
-                        raise CorruptFileError(
-                            f"{model.label}: cannot open {filename}: {exc}"
-                        ) from None
-            return self._handles[key]
+                    self._files[key] = _SafetensorsFile(path)
+            return self._files[key]
 
     def read(self, model: ModelInfo, name: str) -> torch.Tensor:
         """The tensor `name` of `model`, as stored (no dtype conversion)."""
         info = model.tensors[name]
-        handle = self._handle(model, info.file)
+        opened = self._open(model, info.file)
         if model.weight_format == "bin":
-            return handle[name]  # type: ignore[no-any-return]
+            return opened[name]  # type: ignore[no-any-return]
         try:
-            return handle.get_tensor(name)  # type: ignore[no-any-return]
-        except Exception as exc:
+            return opened.read(name)  # type: ignore[no-any-return]
+        except (OSError, KeyError, RuntimeError) as exc:
             raise CorruptFileError(
                 f"{model.label}: cannot read `{name}` from {info.file}: {exc}"
             ) from None
 
     def close(self) -> None:
-        """Drop every open handle."""
+        """Close every open file."""
         with self._lock:
-            self._handles.clear()
+            for opened in self._files.values():
+                if isinstance(opened, _SafetensorsFile):
+                    opened.handle.close()
+            self._files.clear()
