@@ -139,11 +139,20 @@ def compute_tensor(
     return Computed(cast, masks, clamped)
 
 
+def _finite_range(tensor: torch.Tensor) -> tuple[bool, float]:
+    """(all finite, largest magnitude) in one pass without tensor-sized temporaries."""
+    if tensor.numel() == 0:
+        return True, 0.0
+    low, high = (float(v) for v in torch.aminmax(tensor))
+    finite = math.isfinite(low) and math.isfinite(high)
+    return finite, max(abs(low), abs(high))
+
+
 def _load_checked(
     plan: MergePlan, model: int, name: str, reader: TensorReader, work: torch.dtype
 ) -> torch.Tensor:
     tensor = reader.read(plan.models[model], name).to(work)
-    if not torch.isfinite(tensor).all():
+    if not _finite_range(tensor)[0]:
         bad = int((~torch.isfinite(tensor)).sum())
         raise NumericsError(
             f"tensor `{name}` of {plan.models[model].label} holds {bad} NaN/Inf values",
@@ -156,16 +165,16 @@ def _cast_checked(
     result: torch.Tensor, out_dtype: torch.dtype, name: str, clamp: bool
 ) -> tuple[torch.Tensor, int]:
     """Cast to the output dtype; values beyond its range are an error, or clamped (counted)."""
-    if not torch.isfinite(result).all():
+    finite, peak = _finite_range(result)
+    if not finite:
         raise NumericsError(
             f"merged tensor `{name}` has NaN/Inf values", hint="check the method's parameters"
         )
     over = 0
-    if out_dtype.is_floating_point and result.numel():
+    if out_dtype.is_floating_point and peak > torch.finfo(out_dtype).max:
         limit = torch.finfo(out_dtype).max
         over = int((result.abs() > limit).sum())
-        if over and not clamp:
-            peak = float(result.abs().max())
+        if not clamp:
             raise NumericsError(
                 f"merged tensor `{name}` reaches {peak:.4g}, beyond the {out_dtype} range ({limit:.4g})",
                 hint="use out_dtype: bfloat16 or float32, or pass --clamp-overflow",
