@@ -47,6 +47,7 @@ TOKENIZER_FILES = (
 )
 Progress = Callable[[TensorPlan], None]
 MASKS_FILE = "masks.safetensors"
+BLOCK_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -118,17 +119,19 @@ def compute_tensor(
     reader: TensorReader,
     with_masks: bool = False,
     clamp: bool = False,
+    rows: tuple[int, int] | None = None,
 ) -> Computed:
-    """Read the inputs of one output tensor, merge them in float32/64 and cast to its dtype;
-    also return the method's per-task masks when asked."""
+    """Read the inputs of one output tensor (or of its `rows` for element-wise methods),
+    merge them in float32/64 and cast to its dtype; also return the method's per-task masks
+    when asked."""
     out_dtype = CODE_TO_TORCH[tensor.dtype]
     if tensor.copy:
         ref = tensor.inputs[0]
-        return Computed(reader.read(plan.models[ref.model], ref.name).to(out_dtype), [])
+        return Computed(reader.read(plan.models[ref.model], ref.name, rows).to(out_dtype), [])
     refs = [*tensor.inputs, *([tensor.base] if tensor.base else [])]
     codes = [plan.models[r.model].tensors[r.name].dtype for r in refs]
     work = math_dtype(tensor.dtype, codes)
-    loaded = [_load_checked(plan, r.model, r.name, reader, work) for r in refs]
+    loaded = [_load_checked(plan, r.model, r.name, reader, work, rows) for r in refs]
     base = loaded.pop() if tensor.base else None
     args = MergeArgs(loaded, base, tensor.params, tensor.per_model, tensor.name, plan.seed)
     result = plan.method.fn(args)
@@ -149,9 +152,14 @@ def _finite_range(tensor: torch.Tensor) -> tuple[bool, float]:
 
 
 def _load_checked(
-    plan: MergePlan, model: int, name: str, reader: TensorReader, work: torch.dtype
+    plan: MergePlan,
+    model: int,
+    name: str,
+    reader: TensorReader,
+    work: torch.dtype,
+    rows: tuple[int, int] | None,
 ) -> torch.Tensor:
-    tensor = reader.read(plan.models[model], name).to(work)
+    tensor = reader.read(plan.models[model], name, rows).to(work)
     if not _finite_range(tensor)[0]:
         bad = int((~torch.isfinite(tensor)).sum())
         raise NumericsError(
@@ -184,6 +192,19 @@ def _cast_checked(
     return result.to(out_dtype), over
 
 
+def row_blocks(
+    plan: MergePlan, tensor: TensorPlan, block_elements: int
+) -> list[tuple[int, int] | None]:
+    """Row ranges to compute `tensor` in: one block (None) unless the method is element-wise
+    (or the tensor a copy) and the tensor is larger than `block_elements`."""
+    blockable = tensor.copy or plan.method.elementwise
+    if not blockable or tensor.numel <= block_elements or len(tensor.shape) < 2:
+        return [None]
+    rows = tensor.shape[0]
+    step = max(1, block_elements // (tensor.numel // rows))
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
 def run_plan(
     plan: MergePlan,
     out: Path,
@@ -194,6 +215,7 @@ def run_plan(
     clamp_overflow: bool = False,
     resume: bool = False,
     verify: bool = False,
+    block_elements: int = BLOCK_ELEMENTS,
 ) -> RunResult:
     """Execute `plan` into `out` atomically and return what was written.
 
@@ -222,12 +244,16 @@ def run_plan(
             masks.open()
         for index, tensor in enumerate(plan.tensors):
             if tensor.shard not in keep:
-                done = compute_tensor(plan, tensor, reader, masks is not None, clamp_overflow)
-                writer.write(tensor.name, done.tensor)
-                if done.clamped:
-                    clamped[tensor.name] = done.clamped
-                for i, mask in enumerate(done.masks):
-                    masks.write(f"{tensor.name}:task{i}", pack_mask(mask))  # type: ignore[union-attr]
+                for rows in row_blocks(plan, tensor, block_elements):
+                    done = compute_tensor(
+                        plan, tensor, reader, masks is not None, clamp_overflow, rows
+                    )
+                    offset = 0 if rows is None else rows[0] * (tensor.nbytes // tensor.shape[0])
+                    writer.write(tensor.name, done.tensor, offset)
+                    if done.clamped:
+                        clamped[tensor.name] = clamped.get(tensor.name, 0) + done.clamped
+                    for i, mask in enumerate(done.masks):
+                        masks.write(f"{tensor.name}:task{i}", pack_mask(mask))  # type: ignore[union-attr]
                 if last[tensor.shard] == index:
                     writer.finish_shard(tensor.shard)
                     name = plan.shard_names[tensor.shard]

@@ -20,6 +20,8 @@ from mergecli.io.checkpoint import ModelInfo, load_bin
 from mergecli.io.dtypes import CODE_TO_TORCH
 from mergecli.io.header import Header, read_header
 
+Rows = tuple[int, int] | None
+
 
 class _SafetensorsFile:
     """An open safetensors file and its parsed header."""
@@ -29,15 +31,20 @@ class _SafetensorsFile:
         self.handle: io.BufferedReader = path.open("rb")
         self.lock = threading.Lock()
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, rows: Rows = None) -> torch.Tensor:
         entry = self.header.entries[name]
-        out = torch.empty(entry.end - entry.begin, dtype=torch.uint8)
+        shape, begin, end = entry.shape, entry.begin, entry.end
+        if rows is not None:
+            row_bytes = (end - begin) // shape[0]
+            begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+            shape = (rows[1] - rows[0], *shape[1:])
+        out = torch.empty(end - begin, dtype=torch.uint8)
         with self.lock:
-            self.handle.seek(self.header.data_start + entry.begin)
+            self.handle.seek(self.header.data_start + begin)
             got = self.handle.readinto(out.numpy().data)
-        if got != entry.end - entry.begin:
-            raise OSError(f"short read of `{name}` ({got} of {entry.end - entry.begin} bytes)")
-        return out.view(CODE_TO_TORCH[entry.dtype]).reshape(entry.shape)
+        if got != end - begin:
+            raise OSError(f"short read of `{name}` ({got} of {end - begin} bytes)")
+        return out.view(CODE_TO_TORCH[entry.dtype]).reshape(shape)
 
 
 class TensorReader:
@@ -58,14 +65,16 @@ class TensorReader:
                     self._files[key] = _SafetensorsFile(path)
             return self._files[key]
 
-    def read(self, model: ModelInfo, name: str) -> torch.Tensor:
-        """The tensor `name` of `model`, as stored (no dtype conversion)."""
+    def read(self, model: ModelInfo, name: str, rows: Rows = None) -> torch.Tensor:
+        """The tensor `name` of `model` (only rows [start, stop) when `rows` is given), as
+        stored (no dtype conversion)."""
         info = model.tensors[name]
         opened = self._open(model, info.file)
         if model.weight_format == "bin":
-            return opened[name]  # type: ignore[no-any-return]
+            tensor = opened[name]
+            return tensor if rows is None else tensor[rows[0] : rows[1]]  # type: ignore[no-any-return]
         try:
-            return opened.read(name)  # type: ignore[no-any-return]
+            return opened.read(name, rows)  # type: ignore[no-any-return]
         except (OSError, KeyError, RuntimeError) as exc:
             raise CorruptFileError(
                 f"{model.label}: cannot read `{name}` from {info.file}: {exc}"

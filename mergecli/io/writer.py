@@ -95,17 +95,20 @@ class ShardWriter:
         finally:
             os.close(fd)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write `tensor` (already in its output dtype) at its slot."""
+    def write(self, name: str, tensor: torch.Tensor, byte_offset: int = 0) -> None:
+        """Write `tensor` (already in its output dtype) at its slot; a part of the tensor (a
+        block of rows) goes `byte_offset` bytes into the slot."""
         slot = self.slots[name]
         if tensor.dtype != CODE_TO_TORCH[slot.dtype]:
             raise ValueError(f"{name}: got {tensor.dtype}, planned {slot.dtype}")
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        if data.nbytes != slot.nbytes:
-            raise ValueError(f"{name}: got {data.nbytes} bytes, planned {slot.nbytes}")
+        if byte_offset + data.nbytes > slot.nbytes:
+            raise ValueError(
+                f"{name}: {data.nbytes} bytes at {byte_offset} overflow the {slot.nbytes} planned"
+            )
         if data.nbytes:
             try:
-                _pwrite_all(self._fds[slot.shard], data.data, slot.offset)
+                _pwrite_all(self._fds[slot.shard], data.data, slot.offset + byte_offset)
             except OSError as exc:
                 raise _output_error(exc) from None
 

@@ -118,6 +118,7 @@ SPECS = (
         min_models=1,
         max_models=1,
         paper="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+        elementwise=True,
     ),
     MethodSpec(
         "model_stock",

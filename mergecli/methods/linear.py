@@ -29,4 +29,5 @@ SPEC = MethodSpec(
     ),
     min_models=1,
     paper="https://arxiv.org/abs/2203.05482",
+    elementwise=True,
 )

@@ -22,4 +22,5 @@ SPEC = MethodSpec(
     min_models=1,
     max_models=1,
     paper="https://arxiv.org/abs/2312.15166",
+    elementwise=True,
 )

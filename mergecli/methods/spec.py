@@ -108,6 +108,7 @@ class MethodSpec:
     reads: str | None = None
     prepare: Prepare | None = None
     masks: Callable[[MergeArgs], list[torch.Tensor]] | None = None
+    elementwise: bool = False
 
     @property
     def uses_base(self) -> bool:

@@ -197,6 +197,7 @@ SPECS = (
         (WEIGHT, LAMBDA, _normalize(False)),
         needs_base=True,
         paper=TA_PAPER,
+        elementwise=True,
     ),
     MethodSpec(
         "ties",
