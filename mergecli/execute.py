@@ -11,7 +11,9 @@ import json
 import math
 import shutil
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,9 @@ TOKENIZER_FILES = (
 )
 Progress = Callable[[TensorPlan], None]
 MASKS_FILE = "masks.safetensors"
-BLOCK_ELEMENTS = 1 << 24
+BLOCK_ELEMENTS = 1 << 23
+PIPELINE_JOBS = 2
+PIPELINE_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,63 @@ def row_blocks(
     return [(start, min(rows, start + step)) for start in range(0, rows, step)]
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One unit of work: a tensor, or a block of its rows; `final` marks its last block."""
+
+    index: int
+    tensor: TensorPlan
+    rows: tuple[int, int] | None
+    final: bool
+
+    @property
+    def working_bytes(self) -> int:
+        """Estimated memory while computing: float32 copies of inputs plus result and temp."""
+        per_row = self.tensor.numel // max(1, self.tensor.shape[0] if self.tensor.shape else 1)
+        numel = self.tensor.numel if self.rows is None else (self.rows[1] - self.rows[0]) * per_row
+        count = len(self.tensor.inputs) + (1 if self.tensor.base is not None else 0)
+        return (count + 2) * numel * 4
+
+
+def plan_jobs(plan: MergePlan, keep: frozenset[int], block_elements: int) -> list[_Job]:
+    """Every job of the plan in order, leaving out tensors of reused shards."""
+    jobs = []
+    for index, tensor in enumerate(plan.tensors):
+        if tensor.shard in keep:
+            continue
+        blocks = row_blocks(plan, tensor, block_elements)
+        jobs += [_Job(index, tensor, rows, k == len(blocks) - 1) for k, rows in enumerate(blocks)]
+    return jobs
+
+
+def _pipeline(
+    jobs: list[_Job], compute: Callable[[_Job], Computed], store: Callable[[_Job, Computed], None]
+) -> None:
+    """Compute up to PIPELINE_JOBS jobs at once (reading overlaps math) while their estimated
+    working memory stays under PIPELINE_BYTES; store results in plan order. A job larger
+    than the budget runs alone."""
+    pending: deque[tuple[_Job, Future[Computed]]] = deque()
+    in_flight = 0
+    with ThreadPoolExecutor(max_workers=PIPELINE_JOBS) as pool:
+        try:
+            for job in jobs:
+                while pending and (
+                    len(pending) >= PIPELINE_JOBS or in_flight + job.working_bytes > PIPELINE_BYTES
+                ):
+                    done_job, future = pending.popleft()
+                    store(done_job, future.result())
+                    in_flight -= done_job.working_bytes
+                pending.append((job, pool.submit(compute, job)))
+                in_flight += job.working_bytes
+            while pending:
+                done_job, future = pending.popleft()
+                store(done_job, future.result())
+        except BaseException:
+            for _, future in pending:
+                future.cancel()
+            raise
+
+
 def run_plan(
     plan: MergePlan,
     out: Path,
@@ -230,37 +291,38 @@ def run_plan(
     folder = mask_folder(plan)
     masks = ShardWriter(work / folder, (MASKS_FILE,), mask_entries(plan)) if folder else None
     print_ = progress_file.fingerprint(plan, recipe_text)
-    keep = frozenset() if masks else frozenset(progress_file.finished_shards(work, plan, print_))
+    finished = {} if masks else progress_file.finished_shards(work, plan, print_)
+    keep = frozenset(finished)
     last = {t.shard: i for i, t in enumerate(plan.tensors)}
-    recorded = {
-        plan.shard_names[i]: progress_file.sha256_file(work / plan.shard_names[i]) for i in keep
-    }
+    recorded = {plan.shard_names[i]: digest for i, digest in finished.items()}
     reader = TensorReader()
     clamped: dict[str, int] = {}
+
+    def store(job: _Job, done: Computed) -> None:
+        tensor = job.tensor
+        offset = 0 if job.rows is None else job.rows[0] * (tensor.nbytes // tensor.shape[0])
+        writer.write(tensor.name, done.tensor, offset)
+        if done.clamped:
+            clamped[tensor.name] = clamped.get(tensor.name, 0) + done.clamped
+        for i, mask in enumerate(done.masks):
+            masks.write(f"{tensor.name}:task{i}", pack_mask(mask))  # type: ignore[union-attr]
+        if job.final and last[tensor.shard] == job.index:
+            writer.finish_shard(tensor.shard)
+            name = plan.shard_names[tensor.shard]
+            recorded[name] = progress_file.sha256_file(work / name)
+            progress_file.record(work, print_, recorded)
+        if job.final and progress is not None:
+            progress(tensor)
+
+    def compute(job: _Job) -> Computed:
+        return compute_tensor(plan, job.tensor, reader, masks is not None, clamp_overflow, job.rows)
+
     try:
         writer.open(keep)
         if masks is not None:
             masks.folder.mkdir(parents=True, exist_ok=True)
             masks.open()
-        for index, tensor in enumerate(plan.tensors):
-            if tensor.shard not in keep:
-                for rows in row_blocks(plan, tensor, block_elements):
-                    done = compute_tensor(
-                        plan, tensor, reader, masks is not None, clamp_overflow, rows
-                    )
-                    offset = 0 if rows is None else rows[0] * (tensor.nbytes // tensor.shape[0])
-                    writer.write(tensor.name, done.tensor, offset)
-                    if done.clamped:
-                        clamped[tensor.name] = clamped.get(tensor.name, 0) + done.clamped
-                    for i, mask in enumerate(done.masks):
-                        masks.write(f"{tensor.name}:task{i}", pack_mask(mask))  # type: ignore[union-attr]
-                if last[tensor.shard] == index:
-                    writer.finish_shard(tensor.shard)
-                    name = plan.shard_names[tensor.shard]
-                    recorded[name] = progress_file.sha256_file(work / name)
-                    progress_file.record(work, print_, recorded)
-            if progress is not None:
-                progress(tensor)
+        _pipeline(plan_jobs(plan, keep, block_elements), compute, store)
         writer.close()
         (work / progress_file.PROGRESS).unlink(missing_ok=True)
         if masks is not None:
