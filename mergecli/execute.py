@@ -205,7 +205,7 @@ def row_blocks(
     if not blockable or tensor.numel <= block_elements or len(tensor.shape) < 2:
         return [None]
     rows = tensor.shape[0]
-    step = max(1, block_elements // (tensor.numel // rows))
+    step = max(1, block_elements // tensor.row_numel)
     return [(start, min(rows, start + step)) for start in range(0, rows, step)]
 
 
@@ -220,11 +220,10 @@ class _Job:
 
     @property
     def working_bytes(self) -> int:
-        """Estimated memory while computing: float32 copies of inputs plus result and temp."""
-        per_row = self.tensor.numel // max(1, self.tensor.shape[0] if self.tensor.shape else 1)
-        numel = self.tensor.numel if self.rows is None else (self.rows[1] - self.rows[0]) * per_row
-        count = len(self.tensor.inputs) + (1 if self.tensor.base is not None else 0)
-        return (count + 2) * numel * 4
+        """Estimated memory while computing this job."""
+        if self.rows is None:
+            return self.tensor.math_bytes()
+        return self.tensor.math_bytes((self.rows[1] - self.rows[0]) * self.tensor.row_numel)
 
 
 def plan_jobs(plan: MergePlan, keep: frozenset[int], block_elements: int) -> list[_Job]:

@@ -66,6 +66,17 @@ class TensorPlan:
         """Number of elements."""
         return math.prod(self.shape)
 
+    @property
+    def row_numel(self) -> int:
+        """Elements per row (along the first dimension); all of them for 0-D/empty tensors."""
+        return self.numel // self.shape[0] if self.shape and self.shape[0] else self.numel
+
+    def math_bytes(self, numel: int | None = None) -> int:
+        """Estimated working memory of the math over `numel` entries (default: all): float32
+        copies of every input and the base, plus the result and one temporary."""
+        count = len(self.inputs) + (1 if self.base is not None else 0)
+        return (count + 2) * (self.numel if numel is None else numel) * 4
+
 
 @dataclass(frozen=True)
 class MergePlan:
@@ -101,8 +112,7 @@ class MergePlan:
         """Predicted peak working memory for tensors in the sequential executor."""
         peak = 0
         for t in self.tensors:
-            count = len(t.inputs) + (1 if t.base else 0)
-            work = 0 if t.copy else (count + 2) * t.numel * 4
+            work = 0 if t.copy else t.math_bytes()
             peak = max(peak, work + t.nbytes)
         return peak
 
