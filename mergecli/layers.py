@@ -14,6 +14,7 @@ _LAYER = re.compile(r"(?:^|\.)(layers|layer|h|blocks|block)\.(\d+)\.")
 _EMBED = re.compile(
     r"embed|(?:^|\.)wte\.|(?:^|\.)wpe\.|word_embeddings|position_embeddings|token_type"
 )
+_HEAD = re.compile(r"(?:^|\.)(?:lm_head|embed_out)\.")
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,18 @@ def split_layer(name: str) -> LayerName | None:
 
 
 def is_pre_layer(name: str) -> bool:
-    """Non-layer tensors that come before the layers (embeddings); the rest come after."""
-    return bool(_EMBED.search(name))
+    """Non-layer tensors that come before the layers (embeddings); the rest (final norms,
+    heads such as `lm_head` or GPT-NeoX's `embed_out`, projectors) come after."""
+    return bool(_EMBED.search(name)) and not _HEAD.search(name)
+
+
+def main_stack(names: list[str]) -> str | None:
+    """The layer stack with the most layers (the decoder of a causal LM, the language model
+    of a vision-language model); between equal depths a `decoder` stack wins (T5)."""
+    counts = layer_counts(names)
+    if not counts:
+        return None
+    return max(counts, key=lambda s: (counts[s], "decoder" in s))
 
 
 def layer_counts(names: list[str]) -> dict[str, int]:

@@ -19,7 +19,7 @@ from mergecli.errors import MergecliError, Problem, RecipeError
 from mergecli.io.checkpoint import ModelInfo, TensorInfo, load_model_info
 from mergecli.io.dtypes import CODE_TO_NAME, FLOAT_CODES, ITEMSIZE, NAME_TO_CODE
 from mergecli.io.source import resolve_source
-from mergecli.layers import is_pre_layer, layer_counts, split_layer
+from mergecli.layers import is_pre_layer, layer_counts, main_stack, split_layer
 from mergecli.methods.spec import MethodSpec
 from mergecli.recipe.schema import ModelRef, Recipe
 from mergecli.recipe.settings import Parameters, evaluate
@@ -27,6 +27,7 @@ from mergecli.recipe.settings import Parameters, evaluate
 Section = Literal["pre", "layer", "post"]
 DEFAULT_SHARD_BYTES = 5 * 10**9
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+DECODER_COUNT_KEYS = ("num_decoder_layers", "decoder_layers")
 MAX_TENSOR_PROBLEMS = 3
 
 
@@ -259,20 +260,10 @@ class _Builder:
 
     def _check_ranges(self, i: int, sources: Sequence[Any]) -> None:
         for j, source in enumerate(sources):
-            model = self.models[self._index(source.model)]
+            index = self._index(source.model)
+            model = self.models[index]
             counts = layer_counts(list(model.tensors))
-            if len(counts) > 1:
-                self.problems.append(
-                    Problem(
-                        f"slices[{i}].sources[{j}].model",
-                        f"{model.label} has several layer stacks ({', '.join(sorted(counts))}); "
-                        "slices need a model with one",
-                        "use the `models:` form for this model",
-                        code=4,
-                    )
-                )
-                continue
-            depth = max(counts.values(), default=0)
+            depth = counts.get(self.main_stacks[index] or "", 0)
             start, end = source.layer_range
             if end > depth:
                 self.problems.append(
@@ -410,9 +401,8 @@ class _Builder:
         return out
 
     def _plan_other_stacks(self, group: _Group) -> list[TensorPlan]:
-        """Layer tensors of secondary stacks (models form only): merged name for name."""
-        if self.recipe.slices:
-            return []
+        """Layer tensors of secondary stacks (a T5 encoder, a vision tower): merged name for
+        name over the sources of the first group; slices only reshape the main stack."""
         template = self.models[self.template]
         counts = layer_counts(list(template.tensors))
         out: list[TensorPlan] = []
@@ -615,23 +605,27 @@ class _Builder:
         return config
 
     def _update_layer_fields(self, config: dict[str, Any]) -> None:
+        """Set the new depth and reorder per-layer lists (`layer_types`, ...) in the config
+        section that describes the main stack (`text_config` of a multimodal model)."""
         new_depth = len(self.layer_sources)
-        for target in [config, *(v for v in config.values() if isinstance(v, dict))]:
-            old_depth = next(
-                (target[k] for k in LAYER_COUNT_KEYS if isinstance(target.get(k), int)), None
-            )
-            if old_depth is None:
-                continue
-            for key in LAYER_COUNT_KEYS:
-                if target.get(key) == old_depth:
-                    target[key] = new_depth
-            for key, value in list(target.items()):
-                if isinstance(value, list) and len(value) == old_depth:
-                    target[key] = [value[index] for _, index in self.layer_sources]
+        section = _layer_section(config, self.stack or "")
+        keys = [k for k in DECODER_COUNT_KEYS if "decoder" in (self.stack or "") and k in section]
+        for key in keys or LAYER_COUNT_KEYS:
+            if section.get(key) == self.depth:
+                section[key] = new_depth
+        for key, value in list(section.items()):
+            if isinstance(value, list) and len(value) == self.depth:
+                section[key] = [value[index] for _, index in self.layer_sources]
         if new_depth != self.depth:
             self.notes.append(
                 f"layers: {self.depth} in the base/first model -> {new_depth} in the output"
             )
+
+
+def _layer_section(config: dict[str, Any], stack: str) -> dict[str, Any]:
+    text = config.get("text_config")
+    vision = any(word in stack for word in ("vision", "visual"))
+    return text if isinstance(text, dict) and not vision else config
 
 
 def apply_lines(recipe: Recipe, tensors: list[TensorPlan]) -> list[TensorPlan]:
@@ -653,9 +647,7 @@ def apply_lines(recipe: Recipe, tensors: list[TensorPlan]) -> list[TensorPlan]:
 
 
 def _main_stack_of(model: ModelInfo) -> str | None:
-    """The layer stack with the most layers (the decoder of a causal LM)."""
-    counts = layer_counts(list(model.tensors))
-    return max(counts, key=lambda s: counts[s]) if counts else None
+    return main_stack(list(model.tensors))
 
 
 def _lookup(name: str, tensor: str, t: float, blocks: Sequence[Parameters | None]) -> Any:
