@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mergecli import methods
+from mergecli.embeddings import Tying, find_tying, set_untied
 from mergecli.errors import MergecliError, Problem, RecipeError
 from mergecli.io.checkpoint import ModelInfo, TensorInfo, load_model_info
 from mergecli.io.dtypes import CODE_TO_NAME, FLOAT_CODES, ITEMSIZE, NAME_TO_CODE
@@ -213,6 +214,7 @@ class _Builder:
         self.depth = layer_counts(list(models[self.template].tensors)).get(self.stack or "", 0)
         self.layer_sources: list[tuple[int, int]] = []
         self._mismatches: dict[int, int] = {}
+        self.tying = Tying((), {}, {})
 
     def _index(self, ref: ModelRef) -> int:
         return self.refs.index(ref)
@@ -280,7 +282,7 @@ class _Builder:
     def _check_same_tensors(self, group: _Group) -> None:
         """In the models form every input must hold exactly the template's tensors."""
         template = self.models[self.template]
-        names = set(template.tensors)
+        names = set(template.tensors) | set(self.tying.heads)
         for source in group.sources:
             extra = sorted(set(self.models[source.model].tensors) - names)
             if extra:
@@ -348,6 +350,9 @@ class _Builder:
 
     def build(self) -> list[TensorPlan]:
         groups = self.groups()
+        used = {s.model for g in groups for s in g.sources}
+        used |= {g.base for g in groups if g.base is not None}
+        self.tying = find_tying(self.models, sorted(used))
         self._check_architectures(groups)
         self._prepare(groups)
         if self.recipe.models:
@@ -357,6 +362,10 @@ class _Builder:
         template = self.models[self.template]
         pre = [n for n in template.tensors if split_layer(n) is None and is_pre_layer(n)]
         post = [n for n in template.tensors if split_layer(n) is None and not is_pre_layer(n)]
+        heads = self.tying.heads
+        post = [n for n in post if n not in heads or not self.tying.out_tied]
+        if not self.tying.out_tied:
+            post += [h for h in heads if h not in template.tensors]
         out: list[TensorPlan] = []
         for name in pre:
             out += self._plan(name, groups[0], [name] * len(groups[0].sources), "pre", None, 0.0)
@@ -475,6 +484,7 @@ class _Builder:
         layer: int | None,
         t: float,
     ) -> list[TensorPlan]:
+        names = [self.tying.name_in(s.model, n) for s, n in zip(group.sources, names)]
         template_info = self._template_info(group, names)
         if template_info is None:
             return []
@@ -487,7 +497,7 @@ class _Builder:
         base_ref = None
         if use_base:
             assert group.base is not None
-            base_name = self._base_name(group, names)
+            base_name = self.tying.name_in(group.base, self._base_name(group, names, out_name))
             if self._input(group.base, base_name, shape, "base_model") is not None:
                 base_ref = InputRef(group.base, base_name)
         if any(i is None for i in infos) or (use_base and base_ref is None):
@@ -540,11 +550,11 @@ class _Builder:
         first = group.sources[0]
         return self._input(first.model, names[0], None, first.where)
 
-    def _base_name(self, group: _Group, names: list[str]) -> str:
+    def _base_name(self, group: _Group, names: list[str], out_name: str) -> str:
         for source, name in zip(group.sources, names):
             if source.model == group.base:
                 return name
-        return names[0]
+        return out_name if out_name in self.tying.heads else names[0]
 
     def _out_dtype(self, input_code: str) -> str:
         name = self.recipe.out_dtype or self.recipe.dtype
@@ -602,6 +612,12 @@ class _Builder:
                 config[key] = dtype_name
         if self.recipe.slices:
             self._update_layer_fields(config)
+        if not self.tying.out_tied and any(self.tying.tied.values()):
+            set_untied(config)
+            self.notes.append(
+                "embeddings: tied and untied inputs; the output is untied and its head merges "
+                "each model's head (a tied model's embedding matrix)"
+            )
         return config
 
     def _update_layer_fields(self, config: dict[str, Any]) -> None:
