@@ -32,7 +32,9 @@ from mergecli.io.source import LocalSource
 from mergecli.io.writer import ShardWriter
 from mergecli.methods.spec import MergeArgs
 from mergecli.plan import MergePlan, TensorPlan
-from mergecli.recipe.schema import ModelRef
+from mergecli.plan_vocab import source_model
+from mergecli.reindex import merge_rows
+from mergecli.vocab import union_document
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -129,6 +131,8 @@ def compute_tensor(
     merge them in float32/64 and cast to its dtype; also return the method's per-task masks
     when asked."""
     out_dtype = CODE_TO_TORCH[tensor.dtype]
+    if tensor.vocab_names is not None:
+        return _compute_vocab(plan, tensor, reader, clamp)
     if tensor.copy:
         ref = tensor.inputs[0]
         return Computed(reader.read(plan.models[ref.model], ref.name, rows).to(out_dtype), [])
@@ -144,6 +148,20 @@ def compute_tensor(
     masks = plan.method.masks(args) if with_masks and plan.method.masks and base is not None else []
     cast, clamped = _cast_checked(result, out_dtype, tensor.name, clamp)
     return Computed(cast, masks, clamped)
+
+
+def _compute_vocab(
+    plan: MergePlan, tensor: TensorPlan, reader: TensorReader, clamp: bool
+) -> Computed:
+    """A per-token tensor: every model's rows re-indexed to the output vocabulary, merged."""
+    assert plan.vocab is not None and tensor.vocab_names is not None
+    names = tensor.vocab_names
+    codes = [plan.models[m].tensors[n].dtype for m, n in names.items()]
+    work = math_dtype(tensor.dtype, codes)
+    loaded = {m: _load_checked(plan, m, n, reader, work, None) for m, n in names.items()}
+    result = merge_rows(plan.vocab, tensor, loaded, plan.method, plan.seed)
+    cast, clamped = _cast_checked(result, CODE_TO_TORCH[tensor.dtype], tensor.name, clamp)
+    return Computed(cast, [], clamped)
 
 
 def _finite_range(tensor: torch.Tensor) -> tuple[bool, float]:
@@ -201,7 +219,7 @@ def row_blocks(
 ) -> list[tuple[int, int] | None]:
     """Row ranges to compute `tensor` in: one block (None) unless the method is element-wise
     (or the tensor a copy) and the tensor is larger than `block_elements`."""
-    blockable = tensor.copy or plan.method.elementwise
+    blockable = (tensor.copy or plan.method.elementwise) and tensor.vocab_names is None
     if not blockable or tensor.numel <= block_elements or len(tensor.shape) < 2:
         return [None]
     rows = tensor.shape[0]
@@ -346,11 +364,10 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _tokenizer_model(plan: MergePlan) -> int:
-    source = plan.recipe.tokenizer_source
-    if isinstance(source, ModelRef):
-        return plan.refs.index(source)
-    return plan.template
+STALE_WITH_UNION = frozenset(
+    {"tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+     "added_tokens.json", "vocab.txt"}
+)  # fmt: skip
 
 
 def _write_side_files(plan: MergePlan, work: Path, writer: ShardWriter, recipe_text: str) -> None:
@@ -359,15 +376,45 @@ def _write_side_files(plan: MergePlan, work: Path, writer: ShardWriter, recipe_t
     template = plan.models[plan.template].source
     if "generation_config.json" in template.files():
         shutil.copyfile(template.local("generation_config.json"), work / "generation_config.json")
-    tok_source = plan.models[_tokenizer_model(plan)].source
+    tok_source = plan.models[source_model(plan.recipe, plan.refs, plan.template)].source
+    union = plan.vocab is not None and bool(plan.vocab.new_tokens)
     available = set(tok_source.files())
     for name in TOKENIZER_FILES:
-        if name in available:
+        if name in available and not (union and name in STALE_WITH_UNION):
             shutil.copyfile(tok_source.local(name), work / name)
+    if union:
+        _write_union_tokenizer(plan, work)
     if plan.recipe.chat_template:
         _write_chat_template(work, plan.recipe.chat_template)
     (work / "mergecli_recipe.yaml").write_text(recipe_as_run(plan, recipe_text), encoding="utf-8")
     (work / "README.md").write_text(render_card(plan, recipe_text), encoding="utf-8")
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _write_union_tokenizer(plan: MergePlan, work: Path) -> None:
+    """tokenizer.json with the union's tokens; tokenizer_config.json lists new added tokens."""
+    assert plan.vocab is not None
+    new = plan.vocab.new_tokens
+    template = _read_json(plan.models[plan.template].source.local("tokenizer.json"))
+    documents = {
+        m: _read_json(plan.models[m].source.local("tokenizer.json"))
+        for m in dict.fromkeys(t.model for t in new)
+    }
+    merged = union_document(template, documents, new)
+    _write_json(work / "tokenizer.json", merged)
+    config_path = work / "tokenizer_config.json"
+    if not config_path.exists():
+        return
+    config = _read_json(config_path)
+    decoder = config.get("added_tokens_decoder")
+    if isinstance(decoder, dict):
+        for entry in merged.get("added_tokens") or []:
+            fields = {k: v for k, v in entry.items() if k != "id"}
+            decoder.setdefault(str(entry["id"]), fields)
+    _write_json(config_path, config)
 
 
 def recipe_as_run(plan: MergePlan, recipe_text: str) -> str:

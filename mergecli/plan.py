@@ -8,28 +8,35 @@ not resolve) is collected and raised together.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from mergecli import methods
-from mergecli.embeddings import Tying, find_tying, set_untied
+from mergecli.embeddings import Tying, find_tying, set_untied, word_embedding
 from mergecli.errors import MergecliError, Problem, RecipeError
 from mergecli.io.checkpoint import ModelInfo, TensorInfo, load_model_info
 from mergecli.io.dtypes import CODE_TO_NAME, FLOAT_CODES, ITEMSIZE, NAME_TO_CODE
 from mergecli.io.source import resolve_source
 from mergecli.layers import is_pre_layer, layer_counts, main_stack, split_layer
 from mergecli.methods.spec import MethodSpec
+from mergecli.plan_vocab import TokenizerFacts, plan_vocabulary
 from mergecli.recipe.schema import ModelRef, Recipe
 from mergecli.recipe.settings import Parameters, evaluate
+from mergecli.vocab import VocabPlan, parse_tokenizer
 
 Section = Literal["pre", "layer", "post"]
 DEFAULT_SHARD_BYTES = 5 * 10**9
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 DECODER_COUNT_KEYS = ("num_decoder_layers", "decoder_layers")
 MAX_TENSOR_PROBLEMS = 3
+TOKENIZER_DEFINING = ("tokenizer.model", "spiece.model", "vocab.json", "merges.txt", "vocab.txt")
+_POSITIONAL = re.compile(r"position|token_type|patch|pos_emb")
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,7 @@ class TensorPlan:
     copy: bool
     shard: int = 0
     post_scale: float | None = None
+    vocab_names: Mapping[int, str] | None = field(default=None, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -94,6 +102,7 @@ class MergePlan:
     config: dict[str, Any]
     seed: int
     notes: tuple[str, ...] = field(default=())
+    vocab: VocabPlan | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -132,7 +141,7 @@ def build_plan(
     models, problems = _load_models(recipe, refs, recipe_dir)
     if problems:
         raise RecipeError(problems)
-    builder = _Builder(recipe, spec, refs, models)
+    builder = _Builder(recipe, spec, refs, models, [tokenizer_facts(m) for m in models])
     tensors = apply_lines(recipe, builder.build())
     builder.summarize_mismatches()
     if builder.problems:
@@ -149,6 +158,7 @@ def build_plan(
         config=builder.output_config(tensors),
         seed=seed if seed is not None else (recipe.seed if recipe.seed is not None else 0),
         notes=tuple(builder.notes),
+        vocab=builder.vocab,
     )
 
 
@@ -163,6 +173,23 @@ def _where(recipe: Recipe, ref: ModelRef) -> str:
             if src.model == ref:
                 return f"slices[{i}].sources[{j}].model"
     return "tokenizer_source"
+
+
+def tokenizer_facts(model: ModelInfo) -> TokenizerFacts:
+    """The vocabulary in `tokenizer.json`, or a digest of the other tokenizer files."""
+    files = set(model.source.files())
+    vocab = None
+    if "tokenizer.json" in files:
+        document = json.loads(model.source.local("tokenizer.json").read_text(encoding="utf-8"))
+        try:
+            vocab = parse_tokenizer(document)
+        except ValueError:
+            vocab = None
+    defining = sorted(f for f in files if f in TOKENIZER_DEFINING or f.endswith(".tiktoken"))
+    digest = hashlib.sha256()
+    for name in defining:
+        digest.update(name.encode() + b"\0" + model.source.local(name).read_bytes())
+    return TokenizerFacts(vocab, digest.hexdigest() if defining else None, tuple(defining))
 
 
 def _load_models(
@@ -203,9 +230,16 @@ class _Builder:
     """Collects tensor plans and problems for one recipe."""
 
     def __init__(
-        self, recipe: Recipe, spec: MethodSpec, refs: list[ModelRef], models: list[ModelInfo]
+        self,
+        recipe: Recipe,
+        spec: MethodSpec,
+        refs: list[ModelRef],
+        models: list[ModelInfo],
+        facts: list[TokenizerFacts],
     ) -> None:
         self.recipe, self.spec, self.refs, self.models = recipe, spec, refs, models
+        self.facts = facts
+        self.vocab: VocabPlan | None = None
         self.problems: list[Problem] = []
         self.notes: list[str] = []
         self.template = self._template_index()
@@ -353,6 +387,7 @@ class _Builder:
         used = {s.model for g in groups for s in g.sources}
         used |= {g.base for g in groups if g.base is not None}
         self.tying = find_tying(self.models, sorted(used))
+        self._plan_vocab(sorted(used))
         self._check_architectures(groups)
         self._prepare(groups)
         if self.recipe.models:
@@ -373,6 +408,47 @@ class _Builder:
         for name in post:
             out += self._plan(name, groups[-1], [name] * len(groups[-1].sources), "post", None, 1.0)
         out += self._plan_other_stacks(groups[0])
+        return out
+
+    def _plan_vocab(self, used: list[int]) -> None:
+        where = {i: _where(self.recipe, ref) for i, ref in enumerate(self.refs)}
+        facts = dict(enumerate(self.facts))
+        self.vocab, problems = plan_vocabulary(
+            self.recipe, self.refs, self.models, self.template, used, facts, where
+        )
+        self.problems += problems
+        params = self.recipe.parameters or {}
+        if self.vocab is not None and self.spec.masks is not None and "save_masks" in params:
+            self.problems.append(
+                Problem(
+                    "parameters.save_masks",
+                    "masks cannot be saved when embedding rows are re-indexed",
+                    "merge models with one vocabulary, or drop save_masks",
+                )
+            )
+
+    def _is_vocab(self, name: str) -> bool:
+        """Embedding, head and other per-token tensors (re-indexed with the vocabulary)."""
+        if self.vocab is None or split_layer(name) is not None:
+            return False
+        template = self.models[self.template]
+        embedding = word_embedding(template)
+        if name == embedding or name in self.tying.heads:
+            return True
+        info = template.tensors.get(name)
+        rows = template.tensors[embedding].shape[0] if embedding else -1
+        return info is not None and info.shape[:1] == (rows,) and not _POSITIONAL.search(name)
+
+    def _vocab_names(self, name: str) -> dict[int, str]:
+        """The tensor holding `name` in every model a re-indexed row may come from."""
+        assert self.vocab is not None
+        models = {*self.vocab.maps, *(m for m, _ in self.vocab.overrides.values() if m is not None)}
+        out = {}
+        for model in sorted(models):
+            found = self.tying.name_in(model, name)
+            if found not in self.models[model].tensors and name in self.tying.heads:
+                found = word_embedding(self.models[model]) or found
+            out[model] = found
         return out
 
     def _layer_template_names(self, model: int, index: int) -> list[tuple[str, str]]:
@@ -489,19 +565,23 @@ class _Builder:
         if template_info is None:
             return []
         shape = template_info.shape
+        vocab = self._is_vocab(out_name)
+        check = None if vocab else shape
         use_base = self.spec.uses_base and group.base is not None
         picked = [
             (s, n) for s, n in zip(group.sources, names) if not (use_base and s.model == group.base)
         ]
-        infos = [self._input(s.model, n, shape, s.where) for s, n in picked]
+        infos = [self._input(s.model, n, check, s.where) for s, n in picked]
         base_ref = None
         if use_base:
             assert group.base is not None
             base_name = self.tying.name_in(group.base, self._base_name(group, names, out_name))
-            if self._input(group.base, base_name, shape, "base_model") is not None:
+            if self._input(group.base, base_name, check, "base_model") is not None:
                 base_ref = InputRef(group.base, base_name)
         if any(i is None for i in infos) or (use_base and base_ref is None):
             return []
+        if vocab:
+            return self._plan_vocab_tensor(out_name, shape, picked, base_ref, group, section, t)
         dtype = self._out_dtype(template_info.dtype)
         is_float = template_info.dtype in FLOAT_CODES
         if not is_float:
@@ -545,6 +625,45 @@ class _Builder:
                 is_copy,
             )
         ]
+
+    def _plan_vocab_tensor(
+        self,
+        out_name: str,
+        shape: tuple[int, ...],
+        picked: list[tuple[_Source, str]],
+        base: InputRef | None,
+        group: _Group,
+        section: Section,
+        t: float,
+    ) -> list[TensorPlan]:
+        """A per-token tensor: rows re-indexed to the output vocabulary, other dims equal."""
+        assert self.vocab is not None
+        names = self._vocab_names(out_name)
+        for model, name in names.items():
+            info = self.models[model].tensors.get(name)
+            if info is not None and info.shape[1:] != shape[1:]:
+                self._mismatch(
+                    model,
+                    Problem(
+                        "models",
+                        f"tensor `{name}` has shape {list(info.shape)} in "
+                        f"{self.models[model].label} but {list(shape)} in "
+                        f"{self.models[self.template].label} (beyond the vocabulary dimension)",
+                        "models must share an architecture and hidden size",
+                        code=4,
+                    ),
+                )
+                return []
+        params, per_model = self._resolve(out_name, group, picked, t)
+        if params is None or per_model is None:
+            return []
+        dtype = self._out_dtype(self.models[picked[0][0].model].tensors[picked[0][1]].dtype)
+        inputs = tuple(InputRef(s.model, n) for s, n in picked)
+        out_shape = (self.vocab.rows, *shape[1:])
+        plan = TensorPlan(
+            out_name, out_shape, dtype, section, None, t, inputs, base, params, per_model, False
+        )
+        return [replace(plan, vocab_names=names)]
 
     def _template_info(self, group: _Group, names: list[str]) -> TensorInfo | None:
         first = group.sources[0]
@@ -612,6 +731,15 @@ class _Builder:
                 config[key] = dtype_name
         if self.recipe.slices:
             self._update_layer_fields(config)
+        if self.vocab is not None:
+            section = _layer_section(config, self.stack or "")
+            if section.get("vocab_size") != self.vocab.rows:
+                self.notes.append(
+                    f"vocabulary: {len(self.vocab.tokens)} tokens "
+                    f"({len(self.vocab.new_tokens)} added by the union), "
+                    f"{self.vocab.rows} embedding rows"
+                )
+            section["vocab_size"] = self.vocab.rows
         if not self.tying.out_tied and any(self.tying.tied.values()):
             set_untied(config)
             self.notes.append(

@@ -525,7 +525,8 @@ def test_online_hub_path_with_a_mocked_transport(
     code, _, err = invoke(runner, "validate", str(recipe))
     assert code == 0, err
     assert asked == [("org/tiny-b", "release")]
-    assert downloaded == ["config.json"]  # validation reads configs and headers, no weights
+    # validation reads configs, tokenizers (to compare vocabularies) and headers, no weights
+    assert downloaded == ["config.json", "tokenizer.json"]
     code, _, err = invoke(runner, "run", str(recipe), "-o", str(tmp_path / "out"))
     assert code == 0, err
     assert "original/consolidated.pth" not in downloaded and "model.safetensors" in downloaded

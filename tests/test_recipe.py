@@ -270,8 +270,10 @@ def test_unreadable_recipes(text: str, expected: str) -> None:
 
 
 def test_unsupported_features_are_refused_not_ignored() -> None:
-    found = problems(BASE + "tokenizer_source: union\n")
-    assert found == [
-        "tokenizer_source: union vocabularies and the `tokenizer:` block are not supported yet\n"
-        "    hint: use `tokenizer_source: base` or a model reference (same vocabulary in all models)"
+    text = (
+        "merge_method: passthrough\nslices:\n  - sources:\n      - model: a/b\n"
+        "        layer_range: [0, 2]\n    residual_weight: 0.5\n"
+    )
+    assert problems(text) == [
+        "slices[0].residual_weight: `residual_weight` is not supported yet\n    hint: remove it"
     ]

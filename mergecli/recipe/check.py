@@ -53,13 +53,6 @@ def _check_unsupported(recipe: Recipe) -> Iterator[Problem]:
             "the multi-module form (`modules:`) is not supported yet",
             "merge each module with its own recipe using `models:` or `slices:`",
         )
-    if recipe.tokenizer_source == "union" or recipe.tokenizer is not None:
-        where = "tokenizer_source" if recipe.tokenizer is None else "tokenizer"
-        yield Problem(
-            where,
-            "union vocabularies and the `tokenizer:` block are not supported yet",
-            "use `tokenizer_source: base` or a model reference (same vocabulary in all models)",
-        )
     for where, ref in _model_refs(recipe):
         if ref.adapter:
             yield Problem(

@@ -242,4 +242,13 @@ class Recipe(_Frozen):
                 seen[source.model] = None
         if isinstance(self.tokenizer_source, ModelRef):
             seen[self.tokenizer_source] = None
+        block = self.tokenizer
+        if block is not None and isinstance(block.source, ModelRef):
+            seen[block.source] = None
+        for entry in (block.tokens or {}).values() if block else []:
+            token_source = entry.source
+            if isinstance(token_source, ModelTokenSource):
+                seen[token_source.model] = None
+            elif isinstance(token_source, ModelRef):
+                seen[token_source] = None
         return list(seen)
