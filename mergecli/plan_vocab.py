@@ -65,7 +65,7 @@ def plan_vocabulary(
         return None, []
     rows_of = {i: models[i].tensors[name].shape[0] for i, name in embeddings.items() if name}
     differs = [i for i in used if not _same(facts[i], facts[src]) or rows_of[i] != rows_of[src]]
-    if block is None and mode != "union" and not differs:
+    if block is None and not differs:
         return None, []
     problems = _need_json([*dict.fromkeys([src, *used])], models, facts, where)
     if problems:

@@ -123,10 +123,12 @@ def padded(rows: int, multiple: int | None) -> int:
 def union_document(
     template: Mapping[str, Any], documents: Mapping[int, Mapping[str, Any]], new: Sequence[NewToken]
 ) -> dict[str, Any]:
-    """The template's `tokenizer.json` with the union's new tokens appended: model-vocabulary
-    tokens go into the model (for BPE with the source's merges that build them, after the
+    """The template's `tokenizer.json` with the union's new tokens appended. Every new token
+    goes into the model vocabulary at its id (so the tokenizers library keeps the id); added
+    tokens are also listed in `added_tokens` with their flags; BPE gets the source's merges
+    that build new tokens (after the
     template's own merges, so text the template tokenized before keeps its tokens unless a
-    new token applies), added tokens into `added_tokens` with their flags."""
+    new token applies)."""
     out = copy.deepcopy(dict(template))
     model = out["model"]
     merges = model.get("merges")
@@ -139,8 +141,8 @@ def union_document(
         known.add(item.token)
         if entry is not None:
             out.setdefault("added_tokens", []).append({**entry, "id": item.id})
-        elif model["type"] == "Unigram":
-            score = next(s for p, s in source["model"]["vocab"] if p == item.token)
+        if model["type"] == "Unigram":
+            score = next((s for p, s in source["model"]["vocab"] if p == item.token), 0.0)
             model["vocab"].append([item.token, score])
         else:
             model["vocab"][item.token] = item.id

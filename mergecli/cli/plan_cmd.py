@@ -34,6 +34,13 @@ def plan_to_dict(plan: MergePlan) -> dict[str, Any]:
         "predicted_peak_tensor_bytes": plan.peak_tensor_bytes(),
         "shards": list(plan.shard_names),
         "seed": plan.seed,
+        "vocabulary": None
+        if plan.vocab is None
+        else {
+            "tokens": len(plan.vocab.tokens),
+            "added_by_union": len(plan.vocab.new_tokens),
+            "rows": plan.vocab.rows,
+        },
         "notes": [*plan.notes, T_NOTE],
         "tensors": [_tensor(plan, t) for t in plan.tensors],
     }
@@ -54,6 +61,7 @@ def _tensor(plan: MergePlan, tensor: TensorPlan) -> dict[str, Any]:
         else {"model": str(plan.refs[tensor.base.model]), "tensor": tensor.base.name},
         "params": dict(tensor.params),
         "per_model": [dict(p) for p in tensor.per_model],
+        "rows_reindexed": tensor.vocab_names is not None,
     }
 
 
