@@ -384,8 +384,8 @@ def _write_side_files(plan: MergePlan, work: Path, writer: ShardWriter, recipe_t
             shutil.copyfile(tok_source.local(name), work / name)
     if union:
         _write_union_tokenizer(plan, work)
-    if plan.recipe.chat_template:
-        _write_chat_template(work, plan.recipe.chat_template)
+    if plan.chat_template is not None:
+        _write_chat_template(work, plan.chat_template)
     (work / "mergecli_recipe.yaml").write_text(recipe_as_run(plan, recipe_text), encoding="utf-8")
     (work / "README.md").write_text(render_card(plan, recipe_text), encoding="utf-8")
 

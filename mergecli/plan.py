@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mergecli import methods
+from mergecli.chat_template import resolve_template
 from mergecli.embeddings import Tying, find_tying, set_untied, word_embedding
 from mergecli.errors import MergecliError, Problem, RecipeError
 from mergecli.io.checkpoint import ModelInfo, TensorInfo, load_model_info
@@ -103,6 +104,7 @@ class MergePlan:
     seed: int
     notes: tuple[str, ...] = field(default=())
     vocab: VocabPlan | None = None
+    chat_template: str | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -159,6 +161,7 @@ def build_plan(
         seed=seed if seed is not None else (recipe.seed if recipe.seed is not None else 0),
         notes=tuple(builder.notes),
         vocab=builder.vocab,
+        chat_template=builder.chat_template,
     )
 
 
@@ -240,6 +243,7 @@ class _Builder:
         self.recipe, self.spec, self.refs, self.models = recipe, spec, refs, models
         self.facts = facts
         self.vocab: VocabPlan | None = None
+        self.chat_template: str | None = None
         self.problems: list[Problem] = []
         self.notes: list[str] = []
         self.template = self._template_index()
@@ -388,6 +392,12 @@ class _Builder:
         used |= {g.base for g in groups if g.base is not None}
         self.tying = find_tying(self.models, sorted(used))
         self._plan_vocab(sorted(used))
+        if self.recipe.chat_template is not None:
+            text, problem = resolve_template(
+                self.recipe.chat_template, self.refs, self.models, sorted(used)
+            )
+            self.chat_template = text
+            self.problems += [problem] if problem else []
         self._check_architectures(groups)
         self._prepare(groups)
         if self.recipe.models:
