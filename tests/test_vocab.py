@@ -381,3 +381,42 @@ def test_padded_embedding_rows_are_kept(
     assert json.loads((out / "config.json").read_text())["vocab_size"] == len(english) + 12
     # padding rows: b has none, so (base fill) both inputs hold the base row
     assert (merged[len(english) :] - source[len(english) :]).abs().max() < 1e-6
+
+
+def test_union_on_a_tied_gpt2_keeps_it_tied_and_loads(
+    vocabs: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folders = {}
+    for seed, (name, source) in enumerate([("a", vocabs["a"]), ("b", vocabs["b"])]):
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        torch.manual_seed(seed)
+        config = GPT2Config(
+            vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64
+        )
+        folders[name] = tmp_path / name
+        GPT2LMHeadModel(config).save_pretrained(folders[name])
+        tokenizer.save_pretrained(folders[name])
+    out = run(
+        runner,
+        tmp_path,
+        "merge_method: linear\ntokenizer_source: union\nmodels:\n"
+        f"  - model: {folders['a']}\n    parameters: {{weight: 0.5}}\n"
+        f"  - model: {folders['b']}\n    parameters: {{weight: 0.5}}\n",
+    )
+    vu = vocab_of(out)
+    merged = state(out)
+    assert set(merged) == set(state(folders["a"]))  # tied: no head written
+    ra, rb = (
+        rows_by_token(folders["a"], "transformer.wte.weight"),
+        rows_by_token(folders["b"], "transformer.wte.weight"),
+    )
+    for token, index in vu.items():
+        both = [r[token] for r in (ra, rb) if token in r]
+        expected = sum(both) / len(both)
+        assert (merged["transformer.wte.weight"][index].double() - expected).abs().max() < 1e-6
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == len(vu) and config["tie_word_embeddings"] is True
+    model = GPT2LMHeadModel.from_pretrained(out)
+    assert torch.equal(model.lm_head.weight, merged["transformer.wte.weight"])
