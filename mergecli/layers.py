@@ -14,6 +14,7 @@ _LAYER = re.compile(r"(?:^|\.)(layers|layer|h|blocks|block)\.(\d+)\.")
 _EMBED = re.compile(
     r"embed|(?:^|\.)wte\.|(?:^|\.)wpe\.|word_embeddings|position_embeddings|token_type"
 )
+_VISION = re.compile(r"vision|visual")
 _HEAD = re.compile(r"(?:^|\.)(?:lm_head|embed_out)\.")
 
 
@@ -44,13 +45,15 @@ def is_pre_layer(name: str) -> bool:
     return bool(_EMBED.search(name)) and not _HEAD.search(name)
 
 
-def main_stack(names: list[str]) -> str | None:
-    """The layer stack with the most layers (the decoder of a causal LM, the language model
-    of a vision-language model); between equal depths a `decoder` stack wins (T5)."""
+def main_stack(names: list[str], config_depth: int | None = None) -> str | None:
+    """The stack slices reshape: the text model's layers. Vision stacks (`vision`, `visual`)
+    count only when there is nothing else; among the rest, stacks as deep as the config's
+    layer count come first, then the deepest, then a `decoder` stack (T5)."""
     counts = layer_counts(names)
-    if not counts:
+    text = {s: n for s, n in counts.items() if not _VISION.search(s)} or counts
+    if not text:
         return None
-    return max(counts, key=lambda s: (counts[s], "decoder" in s))
+    return max(text, key=lambda s: (text[s] == config_depth, text[s], "decoder" in s))
 
 
 def layer_counts(names: list[str]) -> dict[str, int]:

@@ -801,7 +801,9 @@ def apply_lines(recipe: Recipe, tensors: list[TensorPlan]) -> list[TensorPlan]:
 
 
 def _main_stack_of(model: ModelInfo) -> str | None:
-    return main_stack(list(model.tensors))
+    section = _layer_section(model.config, "")
+    depth = next((section[k] for k in LAYER_COUNT_KEYS if isinstance(section.get(k), int)), None)
+    return main_stack(list(model.tensors), depth)
 
 
 def _lookup(name: str, tensor: str, t: float, blocks: Sequence[Parameters | None]) -> Any:

@@ -110,6 +110,30 @@ def _llava() -> tf.PreTrainedModel:
     return tf.LlavaForConditionalGeneration(config)
 
 
+def _qwen2_vl() -> tf.PreTrainedModel:
+    text = {k: v for k, v in DECODER.items() if not k.endswith("token_id")}
+    text["rope_scaling"] = {"type": "mrope", "mrope_section": [1, 1, 2]}
+    vision = dict(
+        depth=4,
+        embed_dim=16,
+        hidden_size=32,
+        num_heads=2,
+        mlp_ratio=2,
+        patch_size=2,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_chans=3,
+    )
+    config = tf.Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=95,
+        video_token_id=94,
+        vision_start_token_id=93,
+    )
+    return tf.Qwen2VLForConditionalGeneration(config)
+
+
 FAMILIES: dict[str, Family] = {
     "llama": Family(_causal(tf.LlamaConfig, tf.LlamaForCausalLM), _ids),
     "mistral": Family(_causal(tf.MistralConfig, tf.MistralForCausalLM), _ids),
@@ -124,6 +148,7 @@ FAMILIES: dict[str, Family] = {
     "bert": Family(_bert, _ids),
     "t5": Family(_t5, _seq2seq, ("num_decoder_layers",)),
     "llava": Family(_llava, _vision, ("text_config", "num_hidden_layers")),
+    "qwen2_vl": Family(_qwen2_vl, _ids, ("text_config", "num_hidden_layers")),
 }
 
 
@@ -265,7 +290,7 @@ def test_stacking_passthrough_gives_new_depth(
     merged, base, a = _merged_state(out), _state(paths["base"]), _state(paths["a"])
     layers = [(key, s) for key in merged if (s := split_layer(key)) is not None]
     main = max(
-        {s.stack for _, s in layers},
+        {s.stack for _, s in layers if "vis" not in s.stack},
         key=lambda st: max(s.index for _, s in layers if s.stack == st),
     )
     for key, split in layers:
