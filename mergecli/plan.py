@@ -192,7 +192,8 @@ def tokenizer_facts(model: ModelInfo) -> TokenizerFacts:
     digest = hashlib.sha256()
     for name in defining:
         digest.update(name.encode() + b"\0" + model.source.local(name).read_bytes())
-    return TokenizerFacts(vocab, digest.hexdigest() if defining else None, tuple(defining))
+    listed = (["tokenizer.json"] if "tokenizer.json" in files else []) + defining
+    return TokenizerFacts(vocab, digest.hexdigest() if defining else None, tuple(listed))
 
 
 def _load_models(

@@ -41,6 +41,12 @@ def _same(a: TokenizerFacts, b: TokenizerFacts) -> bool:
     return False
 
 
+def _unknown(facts: TokenizerFacts) -> bool:
+    """No tokenizer files at all: taken to share the output's vocabulary when its embedding
+    has as many rows (rows are then matched by position)."""
+    return facts.vocab is None and not facts.files
+
+
 def source_model(recipe: Recipe, refs: Sequence[ModelRef], template: int) -> int:
     """The model whose tokenizer is the output's (the template for `base` and `union`)."""
     source = recipe.tokenizer.source if recipe.tokenizer else recipe.tokenizer_source
@@ -64,10 +70,15 @@ def plan_vocabulary(
     if any(name is None for name in embeddings.values()):
         return None, []
     rows_of = {i: models[i].tensors[name].shape[0] for i, name in embeddings.items() if name}
-    differs = [i for i in used if not _same(facts[i], facts[src]) or rows_of[i] != rows_of[src]]
+    same_rows = {i for i in used if rows_of[i] == rows_of[src]}
+    unknown = {i for i in same_rows if i != src and _unknown(facts[i])}
+    differs = [
+        i for i in used if i not in same_rows or not (_same(facts[i], facts[src]) or i in unknown)
+    ]
     if block is None and not differs:
         return None, []
-    problems = _need_json([*dict.fromkeys([src, *used])], models, facts, where)
+    needed = [i for i in dict.fromkeys([src, *used]) if i not in unknown]
+    problems = _need_json(needed, models, facts, where)
     if problems:
         return None, problems
     source_vocab = facts[src].vocab
@@ -98,11 +109,16 @@ def _need_json(
         vocab = facts[i].vocab
         if vocab is None:
             found = ", ".join(facts[i].files) or "no tokenizer files"
+            what = (
+                "its tokenizer.json has no vocabulary mergecli reads (BPE, WordPiece, "
+                "WordLevel or Unigram)"
+                if "tokenizer.json" in facts[i].files
+                else f"has no tokenizer.json (found: {found})"
+            )
             problems.append(
                 Problem(
                     where.get(i, "tokenizer_source"),
-                    f"the vocabularies differ and {models[i].label} has no tokenizer.json "
-                    f"(found: {found})",
+                    f"the vocabularies differ and {models[i].label} {what}",
                     NO_JSON_HINT,
                     code=4,
                 )

@@ -420,3 +420,38 @@ def test_union_on_a_tied_gpt2_keeps_it_tied_and_loads(
     assert config["vocab_size"] == len(vu) and config["tie_word_embeddings"] is True
     model = GPT2LMHeadModel.from_pretrained(out)
     assert torch.equal(model.lm_head.weight, merged["transformer.wte.weight"])
+
+
+def test_model_without_tokenizer_files(
+    vocabs: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
+    bare = tmp_path / "bare"
+    shutil.copytree(vocabs["a"], bare)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (bare / name).unlink(missing_ok=True)
+    # same rows as the output's vocabulary: taken position for position
+    out = run(
+        runner,
+        tmp_path,
+        "merge_method: linear\ntokenizer_source: union\nmodels:\n"
+        f"  - model: {vocabs['a']}\n    parameters: {{weight: 0.5}}\n"
+        f"  - model: {bare}\n    parameters: {{weight: 0.5}}\n"
+        f"  - model: {vocabs['b']}\n    parameters: {{weight: 0.5}}\n",
+    )
+    ra, rb = rows_by_token(vocabs["a"], EMBED), rows_by_token(vocabs["b"], EMBED)
+    merged, vu = state(out)[EMBED].double(), vocab_of(out)
+    token = next(t for t in ra if t in rb)
+    assert (merged[vu[token]] - (2 * ra[token] + rb[token]) / 3).abs().max() < 1e-6
+    # other rows than the output's vocabulary: refused
+    text = (
+        "merge_method: linear\nmodels:\n"
+        f"  - model: {vocabs['b']}\n    parameters: {{weight: 0.5}}\n"
+        f"  - model: {bare}\n    parameters: {{weight: 0.5}}\n"
+    )
+    recipe = write(tmp_path / "r2.yaml", text)
+    code, _, err = invoke(runner, "run", str(recipe), "-o", str(tmp_path / "o2"))
+    assert code == 4
+    assert (
+        f"models[1].model: the vocabularies differ and {bare} has no tokenizer.json (found: no tokenizer files)"
+        in err
+    )
