@@ -5,10 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import write
 from mergecli.cli._common import plan_recipe
 from mergecli.execute import row_blocks, run_plan
+from mergecli.methods.blocks import kth_largest
 
 
 @pytest.mark.parametrize(
@@ -42,3 +46,23 @@ def test_only_element_wise_methods_are_blocked(family: dict[str, Path], tmp_path
     plan = plan_recipe(write(tmp_path / "r.yaml", text))
     embed = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
     assert row_blocks(plan, embed, 100) == [None]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(
+        st.one_of(st.sampled_from([0.0, 1.0, 2.5]), st.floats(0, 1e30, allow_nan=False)),
+        min_size=1,
+        max_size=300,
+    ),
+    data=st.data(),
+)
+def test_radix_selection_equals_kthvalue(values: list[float], data: st.DataObject) -> None:
+    flat = torch.tensor(values, dtype=torch.float32)
+    k = data.draw(st.integers(1, flat.numel()))
+    expected = torch.kthvalue(flat, flat.numel() - k + 1).values
+    assert kth_largest(flat, k).item() == expected.item()
+    assert (
+        kth_largest(-flat - 1, k).item()
+        == torch.kthvalue(-flat - 1, flat.numel() - k + 1).values.item()
+    )

@@ -1,9 +1,10 @@
 """Building blocks shared by the task-vector methods: sparsification, sign election,
 disjoint merge, and per-tensor random generators.
 
-Top-k is exact: `keep_count` entries are kept, chosen by magnitude with a threshold from
-`torch.kthvalue` (no full sort); entries tied at the threshold are kept in order of their
-flat index (lowest first), so the result is deterministic.
+Top-k is exact: `keep_count` entries are kept, chosen by magnitude with a threshold found
+by selection, not sorting (a two-pass radix select on the bits of float32 magnitudes,
+`torch.kthvalue` otherwise); entries tied at the threshold are kept in order of their flat
+index (lowest first), so the result is deterministic.
 """
 
 from __future__ import annotations
@@ -30,13 +31,41 @@ def top_k_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones_like(magnitude, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(magnitude, dtype=torch.bool)
-    threshold = torch.kthvalue(flat, n - k + 1).values
+    threshold = kth_largest(flat, k)
     mask = flat > threshold
     missing = k - int(mask.sum())
     if missing > 0:
         tied = torch.nonzero(flat == threshold).reshape(-1)[:missing]
         mask[tied] = True
     return mask.reshape(magnitude.shape)
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry (1-based) of a flat tensor, exactly."""
+    if values.dtype != torch.float32 or not bool((values >= 0).all()):
+        return torch.kthvalue(values, values.numel() - k + 1).values
+    return _radix_kth_largest(values, k)
+
+
+def _radix_kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """For non-negative float32 the bit patterns order like the values: find the bucket of
+    the high 16 bits holding the k-th largest, then the low 16 bits within it."""
+    bits = values.view(torch.int32)
+    high = bits >> 16
+    counts = torch.bincount(high, minlength=1 << 15)
+    bucket, above = _bucket_of(counts, k)
+    low = torch.bincount(bits[high == bucket] & 0xFFFF, minlength=1 << 16)
+    offset, _ = _bucket_of(low, k - above)
+    pattern = torch.tensor([(bucket << 16) | offset], dtype=torch.int32)
+    return pattern.view(torch.float32)[0]
+
+
+def _bucket_of(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """(bucket holding the k-th largest entry, number of entries in higher buckets)."""
+    from_top = counts.flip(0).cumsum(0)
+    position = int(torch.searchsorted(from_top, torch.tensor([k]))[0])
+    above = int(from_top[position - 1]) if position > 0 else 0
+    return counts.numel() - 1 - position, above
 
 
 def magnitude_sparsify(delta: torch.Tensor, density: float) -> torch.Tensor:
