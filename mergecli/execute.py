@@ -10,9 +10,10 @@ import hashlib
 import json
 import math
 import shutil
+import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from mergecli.io.dtypes import CODE_TO_TORCH, math_dtype
 from mergecli.io.reader import TensorReader
 from mergecli.io.source import LocalSource
 from mergecli.io.writer import ShardWriter
+from mergecli.methods.selection import Selection, Selector
 from mergecli.methods.spec import MergeArgs
 from mergecli.plan import MergePlan, TensorPlan
 from mergecli.plan_vocab import source_model
@@ -126,6 +128,7 @@ def compute_tensor(
     with_masks: bool = False,
     clamp: bool = False,
     rows: tuple[int, int] | None = None,
+    selections: Sequence[Sequence[Selection]] | None = None,
 ) -> Computed:
     """Read the inputs of one output tensor (or of its `rows` for element-wise methods),
     merge them in float32/64 and cast to its dtype; also return the method's per-task masks
@@ -141,13 +144,72 @@ def compute_tensor(
     work = math_dtype(tensor.dtype, codes)
     loaded = [_load_checked(plan, r.model, r.name, reader, work, rows) for r in refs]
     base = loaded.pop() if tensor.base else None
-    args = MergeArgs(loaded, base, tensor.params, tensor.per_model, tensor.name, plan.seed)
+    args = MergeArgs(
+        loaded, base, tensor.params, tensor.per_model, tensor.name, plan.seed, selections
+    )
     result = plan.method.fn(args)
     if tensor.post_scale is not None and base is not None:
         result = base + tensor.post_scale * (result - base)
     masks = plan.method.masks(args) if with_masks and plan.method.masks and base is not None else []
     cast, clamped = _cast_checked(result, out_dtype, tensor.name, clamp)
     return Computed(cast, masks, clamped)
+
+
+def _work_dtype(plan: MergePlan, tensor: TensorPlan) -> torch.dtype:
+    refs = [*tensor.inputs, *([tensor.base] if tensor.base else [])]
+    return math_dtype(tensor.dtype, [plan.models[r.model].tensors[r.name].dtype for r in refs])
+
+
+def block_selections(
+    plan: MergePlan,
+    tensor: TensorPlan,
+    reader: TensorReader,
+    blocks: Sequence[tuple[int, int] | None],
+) -> dict[tuple[int, int] | None, list[list[Selection]]]:
+    """Each block's top-k selections for a top-k method, found in two passes over the
+    blocks (inputs are read block by block; no whole tensor is held)."""
+    assert plan.method.topk is not None and tensor.base is not None
+    counts = [plan.method.topk(tensor.params, p, tensor.numel) for p in tensor.per_model]
+    selectors = [[Selector(k, tensor.numel) for k in c] for c in counts]
+    base_ref = tensor.base
+
+    def read(model: int, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
+        return reader.read(plan.models[model], name, rows).to(torch.float32)
+
+    for pass_no in (0, 1):
+        for rows in blocks:
+            base = read(base_ref.model, base_ref.name, rows)
+            for ref, chosen in zip(tensor.inputs, selectors):
+                if chosen:
+                    magnitude = read(ref.model, ref.name, rows).sub_(base).abs_()
+                    for selector in chosen:
+                        selector.observe(pass_no, magnitude)
+    return {
+        rows: [[s.selection(j) for s in chosen] for chosen in selectors]
+        for j, rows in enumerate(blocks)
+    }
+
+
+class _SelectionCache:
+    """Top-k selections per blocked tensor, computed once by the first job that needs them."""
+
+    def __init__(self, plan: MergePlan, reader: TensorReader, block_elements: int) -> None:
+        self.plan, self.reader, self.block_elements = plan, reader, block_elements
+        self.lock = threading.Lock()
+        self.found: dict[int, dict[tuple[int, int] | None, list[list[Selection]]]] = {}
+
+    def get(self, job: _Job) -> list[list[Selection]] | None:
+        if self.plan.method.topk is None or job.rows is None or job.tensor.copy:
+            return None
+        with self.lock:
+            if job.index not in self.found:
+                blocks = row_blocks(self.plan, job.tensor, self.block_elements)
+                self.found[job.index] = block_selections(self.plan, job.tensor, self.reader, blocks)
+            return self.found[job.index][job.rows]
+
+    def drop(self, index: int) -> None:
+        with self.lock:
+            self.found.pop(index, None)
 
 
 def _compute_vocab(
@@ -219,8 +281,14 @@ def row_blocks(
 ) -> list[tuple[int, int] | None]:
     """Row ranges to compute `tensor` in: one block (None) unless the method is element-wise
     (or the tensor a copy) and the tensor is larger than `block_elements`."""
-    blockable = (tensor.copy or plan.method.elementwise) and tensor.vocab_names is None
+    blockable = (tensor.copy or plan.method.blockwise) and tensor.vocab_names is None
     if not blockable or tensor.numel <= block_elements or len(tensor.shape) < 2:
+        return [None]
+    if (
+        not tensor.copy
+        and plan.method.topk is not None
+        and _work_dtype(plan, tensor) != torch.float32
+    ):
         return [None]
     rows = tensor.shape[0]
     step = max(1, block_elements // tensor.row_numel)
@@ -313,6 +381,7 @@ def run_plan(
     last = {t.shard: i for i, t in enumerate(plan.tensors)}
     recorded = {plan.shard_names[i]: digest for i, digest in finished.items()}
     reader = TensorReader()
+    selections = _SelectionCache(plan, reader, block_elements)
     clamped: dict[str, int] = {}
 
     def store(job: _Job, done: Computed) -> None:
@@ -328,11 +397,16 @@ def run_plan(
             name = plan.shard_names[tensor.shard]
             recorded[name] = progress_file.sha256_file(work / name)
             progress_file.record(work, print_, recorded)
+        if job.final:
+            selections.drop(job.index)
         if job.final and progress is not None:
             progress(tensor)
 
     def compute(job: _Job) -> Computed:
-        return compute_tensor(plan, job.tensor, reader, masks is not None, clamp_overflow, job.rows)
+        chosen = selections.get(job)
+        return compute_tensor(
+            plan, job.tensor, reader, masks is not None, clamp_overflow, job.rows, chosen
+        )
 
     try:
         writer.open(keep)

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from conftest import write
 from mergecli.cli._common import plan_recipe
 from mergecli.execute import row_blocks, run_plan
-from mergecli.methods.blocks import kth_largest
+from mergecli.methods.blocks import kth_largest, top_k_mask
+from mergecli.methods.selection import Selector, select_mask
 
 
 @pytest.mark.parametrize(
@@ -21,6 +22,9 @@ from mergecli.methods.blocks import kth_largest
         ("linear", ""),
         ("task_arithmetic", "base_model: {base}\n"),
         ("nearswap", "base_model: {base}\nparameters: {{t: 0.05}}\n"),
+        ("ties", "base_model: {base}\nparameters: {{density: 0.4}}\n"),
+        ("breadcrumbs", "base_model: {base}\nparameters: {{density: 0.5, gamma: 0.1}}\n"),
+        ("breadcrumbs_ties", "base_model: {base}\nparameters: {{density: 0.3, gamma: 0.05}}\n"),
     ],
 )
 def test_blocks_are_byte_identical(
@@ -41,8 +45,8 @@ def test_blocks_are_byte_identical(
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "blocks" / name).read_bytes()
 
 
-def test_only_element_wise_methods_are_blocked(family: dict[str, Path], tmp_path: Path) -> None:
-    text = f"merge_method: ties\nbase_model: {family['base']}\nmodels:\n  - model: {family['a']}\n    parameters: {{weight: 1, density: 0.5}}\n"
+def test_methods_with_global_draws_are_not_blocked(family: dict[str, Path], tmp_path: Path) -> None:
+    text = f"merge_method: dare_ties\nbase_model: {family['base']}\nmodels:\n  - model: {family['a']}\n    parameters: {{weight: 1, density: 0.5}}\n"
     plan = plan_recipe(write(tmp_path / "r.yaml", text))
     embed = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
     assert row_blocks(plan, embed, 100) == [None]
@@ -66,3 +70,31 @@ def test_radix_selection_equals_kthvalue(values: list[float], data: st.DataObjec
         kth_largest(-flat - 1, k).item()
         == torch.kthvalue(-flat - 1, flat.numel() - k + 1).values.item()
     )
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_blockwise_selection_equals_whole_tensor_top_k(data: st.DataObject) -> None:
+    rows = data.draw(st.integers(1, 12))
+    cols = data.draw(st.integers(1, 9))
+    levels = data.draw(st.integers(1, 5))  # few distinct values: many ties at the threshold
+    values = torch.tensor(
+        data.draw(st.lists(st.integers(0, levels), min_size=rows * cols, max_size=rows * cols)),
+        dtype=torch.float32,
+    ).reshape(rows, cols)
+    k = data.draw(st.integers(0, rows * cols))
+    cuts = (
+        sorted(set(data.draw(st.lists(st.integers(1, rows - 1), max_size=4)))) if rows > 1 else []
+    )
+    blocks = list(zip([0, *cuts], [*cuts, rows]))
+    selector = Selector(k, values.numel())
+    for pass_no in (0, 1):
+        for start, end in blocks:
+            selector.observe(pass_no, values[start:end])
+    masks = [select_mask(values[s:e], selector.selection(j)) for j, (s, e) in enumerate(blocks)]
+    flat = values.reshape(-1).tolist()
+    order = sorted(range(len(flat)), key=lambda i: (-flat[i], i))[:k]
+    expected = torch.zeros(len(flat), dtype=torch.bool)
+    expected[order] = True
+    assert torch.equal(torch.cat(masks).reshape(-1), expected)
+    assert torch.equal(top_k_mask(values, k).reshape(-1), expected)

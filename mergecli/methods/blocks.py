@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from mergecli.methods.selection import Selector, select_mask
+
 
 def keep_count(numel: int, density: float) -> int:
     """floor(density * n) (up to float noise), at least 1 when density > 0, at most n."""
@@ -31,7 +33,12 @@ def top_k_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones_like(magnitude, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(magnitude, dtype=torch.bool)
-    threshold = kth_largest(flat, k)
+    if radix_ready(flat):
+        selector = Selector(k, n)
+        selector.observe(0, flat)
+        selector.observe(1, flat)
+        return select_mask(magnitude, selector.selection(0))
+    threshold = torch.kthvalue(flat, n - k + 1).values
     mask = flat > threshold
     missing = k - int(mask.sum())
     if missing > 0:
@@ -40,32 +47,19 @@ def top_k_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     return mask.reshape(magnitude.shape)
 
 
+def radix_ready(values: torch.Tensor) -> bool:
+    """float32 and non-negative: bit patterns order like the values (radix selection)."""
+    return values.dtype == torch.float32 and bool((values >= 0).all())
+
+
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest entry (1-based) of a flat tensor, exactly."""
-    if values.dtype != torch.float32 or not bool((values >= 0).all()):
+    if not radix_ready(values) or k >= values.numel():
         return torch.kthvalue(values, values.numel() - k + 1).values
-    return _radix_kth_largest(values, k)
-
-
-def _radix_kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """For non-negative float32 the bit patterns order like the values: find the bucket of
-    the high 16 bits holding the k-th largest, then the low 16 bits within it."""
-    bits = values.view(torch.int32)
-    high = bits >> 16
-    counts = torch.bincount(high, minlength=1 << 15)
-    bucket, above = _bucket_of(counts, k)
-    low = torch.bincount(bits[high == bucket] & 0xFFFF, minlength=1 << 16)
-    offset, _ = _bucket_of(low, k - above)
-    pattern = torch.tensor([(bucket << 16) | offset], dtype=torch.int32)
-    return pattern.view(torch.float32)[0]
-
-
-def _bucket_of(counts: torch.Tensor, k: int) -> tuple[int, int]:
-    """(bucket holding the k-th largest entry, number of entries in higher buckets)."""
-    from_top = counts.flip(0).cumsum(0)
-    position = int(torch.searchsorted(from_top, torch.tensor([k]))[0])
-    above = int(from_top[position - 1]) if position > 0 else 0
-    return counts.numel() - 1 - position, above
+    selector = Selector(k, values.numel())
+    selector.observe(0, values)
+    selector.observe(1, values)
+    return torch.tensor(selector.selection(0).threshold, dtype=values.dtype)
 
 
 def magnitude_sparsify(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -100,13 +94,15 @@ def breadcrumbs_mask(magnitude: torch.Tensor, density: float, gamma: float) -> t
     With floor(gamma n) = 0 nothing is dropped from the top (mergekit zeroes the whole
     tensor there; that is a bug we do not copy).
     """
-    n = magnitude.numel()
+    upto, top = breadcrumbs_counts(magnitude.numel(), density, gamma)
+    return top_k_mask(magnitude, upto) & ~top_k_mask(magnitude, top)
+
+
+def breadcrumbs_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """(entries kept before dropping the top, entries dropped from the top)."""
     target = keep_count(n, density) if density < 1 else n
-    n_top = math.floor(gamma * n + 1e-9)
-    n_top = min(n_top, n - target)
-    keep_upto = top_k_mask(magnitude, target + n_top)
-    drop_top = top_k_mask(magnitude, n_top)
-    return keep_upto & ~drop_top
+    n_top = min(math.floor(gamma * n + 1e-9), n - target)
+    return target + n_top, n_top
 
 
 def elect_sign(weighted: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 import torch
 
+from mergecli.methods.selection import Selection
+
 ParamType = Literal["float", "int", "bool", "str"]
 Scope = Literal["model", "global"]
 
@@ -72,7 +74,10 @@ class MergeArgs:
 
     `tensors` are the non-base inputs in recipe order; `per_model` holds their resolved
     model-scope parameters, `params` the method-wide ones; `name` is the output tensor name
-    and `seed` the run's seed (random methods derive their generator from both).
+    and `seed` the run's seed (random methods derive their generator from both). When the
+    tensors are a block of rows of a top-k method, `selections[i]` holds model i's top-k
+    selections for this block, one per count of `MethodSpec.topk`, found over the whole
+    tensor.
     """
 
     tensors: Sequence[torch.Tensor]
@@ -81,10 +86,12 @@ class MergeArgs:
     per_model: Sequence[Mapping[str, Any]]
     name: str = ""
     seed: int = 0
+    selections: Sequence[Sequence[Selection]] | None = None
 
 
 MethodFn = Callable[[MergeArgs], torch.Tensor]
 ParamCheck = Callable[[Mapping[str, Any], Mapping[str, Any]], str | None]
+TopK = Callable[[Mapping[str, Any], Mapping[str, Any], int], list[int]]
 Prepare = Callable[[Sequence[Mapping[str, Any] | None], Mapping[str, Any]], list[dict[str, Any]]]
 
 
@@ -109,6 +116,12 @@ class MethodSpec:
     prepare: Prepare | None = None
     masks: Callable[[MergeArgs], list[torch.Tensor]] | None = None
     elementwise: bool = False
+    topk: TopK | None = None
+
+    @property
+    def blockwise(self) -> bool:
+        """True when a big tensor can be merged in row blocks (element-wise after top-k)."""
+        return self.elementwise or self.topk is not None
 
     @property
     def uses_base(self) -> bool:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from mergecli.methods.blocks import (
+    breadcrumbs_counts,
     breadcrumbs_mask,
     dare_drop,
     disjoint_merge,
@@ -23,6 +24,7 @@ from mergecli.methods.blocks import (
     stack_weights,
     top_k_mask,
 )
+from mergecli.methods.selection import select_mask
 from mergecli.methods.spec import MergeArgs, MethodSpec, ParamSpec
 
 Sparsify = Callable[[MergeArgs, int, torch.Tensor], torch.Tensor]
@@ -56,7 +58,15 @@ def _no_sparsify(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
 
 
 def _magnitude(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
-    return magnitude_sparsify(delta, float(args.per_model[i]["density"]))
+    if args.selections is None:
+        return magnitude_sparsify(delta, float(args.per_model[i]["density"]))
+    chosen = args.selections[i]
+    return delta * select_mask(delta.abs(), chosen[0]) if chosen else delta
+
+
+def _magnitude_counts(params: Mapping[str, Any], model: Mapping[str, Any], numel: int) -> list[int]:
+    density = float(model["density"])
+    return [] if density >= 1 else [keep_count(numel, density)]
 
 
 def _dare(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
@@ -68,8 +78,18 @@ def _dare(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
 
 
 def _breadcrumbs(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
-    density = float(args.per_model[i]["density"])
-    return delta * breadcrumbs_mask(delta.abs(), density, float(args.params["gamma"]))
+    if args.selections is None:
+        density = float(args.per_model[i]["density"])
+        return delta * breadcrumbs_mask(delta.abs(), density, float(args.params["gamma"]))
+    magnitude = delta.abs()
+    upto, top = (select_mask(magnitude, s) for s in args.selections[i])
+    return delta * (upto & ~top)
+
+
+def _breadcrumbs_counts(
+    params: Mapping[str, Any], model: Mapping[str, Any], numel: int
+) -> list[int]:
+    return list(breadcrumbs_counts(numel, float(model["density"]), float(params["gamma"])))
 
 
 def _della(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
@@ -206,6 +226,7 @@ SPECS = (
         (WEIGHT, DENSITY, LAMBDA, _normalize(True), INT8_MASK),
         needs_base=True,
         paper=TIES_PAPER,
+        topk=_magnitude_counts,
     ),
     MethodSpec(
         "dare_linear",
@@ -232,6 +253,7 @@ SPECS = (
         (WEIGHT, DENSITY, GAMMA, LAMBDA, _normalize(False)),
         needs_base=True,
         paper=BREADCRUMBS_PAPER,
+        topk=_breadcrumbs_counts,
     ),
     MethodSpec(
         "breadcrumbs_ties",
@@ -240,6 +262,7 @@ SPECS = (
         (WEIGHT, DENSITY, GAMMA, LAMBDA, _normalize(False), INT8_MASK),
         needs_base=True,
         paper=BREADCRUMBS_PAPER,
+        topk=_breadcrumbs_counts,
     ),
     MethodSpec(
         "della",
