@@ -110,23 +110,29 @@ def elect_sign(weighted: torch.Tensor) -> torch.Tensor:
     return torch.where(weighted.sum(0) >= 0, 1.0, -1.0).to(weighted.dtype)
 
 
-def disjoint_merge(weighted: torch.Tensor, weights: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """Sum the entries agreeing with the elected sign; divide by their weights if `normalize`.
-
-    `weighted` is stacked w_i * d_i (dim 0 over models); `weights` broadcasts against it.
-    Entries that are exactly zero agree with no sign and count in neither sum.
-    """
-    agree = torch.sign(weighted) == elect_sign(weighted)
-    merged = (weighted * agree).sum(0)
-    if not normalize:
+def disjoint_merge(
+    deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool
+) -> torch.Tensor:
+    """TIES merge of task vectors d_i with weights w_i, without stacking them: the elected
+    sign is that of sum_i w_i d_i (+ where >= 0); entries of w_i d_i agreeing with it are
+    summed, and divided by the sum of their weights if `normalize`. Entries that are exactly
+    zero agree with no sign and count in neither sum."""
+    total = torch.zeros_like(deltas[0])
+    for weight, delta in zip(weights, deltas):
+        total.add_(delta, alpha=weight)
+    positive = total >= 0
+    del total
+    merged = torch.zeros_like(deltas[0])
+    divisor = torch.zeros_like(deltas[0]) if normalize else None
+    for weight, delta in zip(weights, deltas):
+        weighted = delta * weight
+        agree = torch.where(positive, weighted > 0, weighted < 0)
+        merged.add_(weighted.mul_(agree))
+        if divisor is not None:
+            divisor.add_(agree, alpha=weight)
+    if divisor is None:
         return merged
-    divisor = (weights * agree).sum(0)
-    return merged / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-
-
-def stack_weights(weights: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-    """Per-model weights shaped to broadcast over stacked tensors like `like`."""
-    return torch.tensor(weights, dtype=like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+    return merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
 
 
 def generator_for(seed: int, tensor_name: str, model_index: int = 0) -> torch.Generator:

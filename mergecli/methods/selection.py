@@ -50,6 +50,7 @@ class Selector:
         self.lows: list[torch.Tensor] = []
         self.bucket, self.above = 0, 0
         self._total: torch.Tensor | None = None
+        self._equal: list[int] | None = None
 
     def observe(self, pass_no: int, magnitude: torch.Tensor) -> None:
         """Feed one block of non-negative float32 magnitudes."""
@@ -61,7 +62,7 @@ class Selector:
         if not self.lows:
             self.bucket, self.above = bucket_of(self.high, self.k)
         low = bits[high == self.bucket] & 0xFFFF
-        self.lows.append(torch.bincount(low, minlength=LOW_BUCKETS))
+        self.lows.append(torch.bincount(low, minlength=LOW_BUCKETS).to(torch.int32))
 
     def selection(self, block: int) -> Selection:
         """What block `block` keeps (after both passes)."""
@@ -70,14 +71,14 @@ class Selector:
         if self.k <= 0:
             return Selection(0.0, 0, "none")
         if self._total is None:
-            self._total = torch.stack(self.lows).sum(0)
-        total = self._total
-        offset, greater_in_bucket = bucket_of(total, self.k - self.above)
+            self._total = torch.stack(self.lows).to(torch.int64).sum(0)
+        offset, greater_in_bucket = bucket_of(self._total, self.k - self.above)
         pattern = torch.tensor([(self.bucket << 16) | offset], dtype=torch.int32)
         threshold = float(pattern.view(torch.float32)[0])
         missing = self.k - self.above - greater_in_bucket
-        before = sum(int(low[offset]) for low in self.lows[:block])
-        here = int(self.lows[block][offset])
+        if self._equal is None:
+            self._equal = [int(low[offset]) for low in self.lows]
+        before, here = sum(self._equal[:block]), self._equal[block]
         return Selection(threshold, max(0, min(here, missing - before)))
 
 

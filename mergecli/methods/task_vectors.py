@@ -21,7 +21,6 @@ from mergecli.methods.blocks import (
     keep_count,
     magnitude_sparsify,
     magprune,
-    stack_weights,
     top_k_mask,
 )
 from mergecli.methods.selection import select_mask
@@ -40,9 +39,7 @@ def _combine(args: MergeArgs, deltas: list[torch.Tensor], elect: bool) -> torch.
     weights = [float(p["weight"]) for p in args.per_model]
     normalize = bool(args.params["normalize"])
     if elect:
-        stacked = torch.stack(deltas)
-        w = stack_weights(weights, stacked)
-        merged = disjoint_merge(stacked * w, w, normalize)
+        merged = disjoint_merge(deltas, weights, normalize)
     else:
         merged = torch.zeros_like(args.base)
         for weight, delta in zip(weights, deltas):
@@ -50,7 +47,7 @@ def _combine(args: MergeArgs, deltas: list[torch.Tensor], elect: bool) -> torch.
         total = sum(weights)
         if normalize and total != 0:
             merged.div_(total)
-    return args.base + float(args.params["lambda"]) * merged
+    return merged.mul_(float(args.params["lambda"])).add_(args.base)
 
 
 def _no_sparsify(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
@@ -61,7 +58,11 @@ def _magnitude(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
     if args.selections is None:
         return magnitude_sparsify(delta, float(args.per_model[i]["density"]))
     chosen = args.selections[i]
-    return delta * select_mask(delta.abs(), chosen[0]) if chosen else delta
+    if not chosen:
+        return delta
+    if chosen[0].threshold == 0.0 and chosen[0].keep == "some":
+        return delta  # entries at a zero threshold are zero: the mask changes nothing
+    return delta.mul_(select_mask(delta.abs(), chosen[0]))
 
 
 def _magnitude_counts(params: Mapping[str, Any], model: Mapping[str, Any], numel: int) -> list[int]:
@@ -101,7 +102,8 @@ def _della(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
 
 def _method(sparsify: Sparsify, elect: bool) -> Callable[[MergeArgs], torch.Tensor]:
     def merge(args: MergeArgs) -> torch.Tensor:
-        deltas = [sparsify(args, i, d) for i, d in enumerate(_deltas(args))]
+        assert args.base is not None, "task-vector methods need a base"
+        deltas = [sparsify(args, i, t - args.base) for i, t in enumerate(args.tensors)]
         return _combine(args, deltas, elect)
 
     return merge
