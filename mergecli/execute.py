@@ -420,7 +420,7 @@ def run_plan(
             masks.close()
         _write_side_files(plan, work, writer, recipe_text)
         seconds = time.monotonic() - started
-        files = _hash_files(work)
+        files = _hash_files(work, recorded)
         _write_manifest(plan, work, files, None if reproducible else seconds, verify)
         output.finish(work, out)
     except BaseException:
@@ -516,12 +516,14 @@ def _write_chat_template(work: Path, template: str) -> None:
     _write_json(config_path, config)
 
 
-def _hash_files(work: Path) -> dict[str, str]:
-    return {
-        p.relative_to(work).as_posix(): progress_file.sha256_file(p)
-        for p in sorted(work.rglob("*"))
-        if p.is_file() and p.name != output.MARKER
-    }
+def _hash_files(work: Path, known: dict[str, str]) -> dict[str, str]:
+    """sha256 of every output file; shards hashed when they were finished are not re-read."""
+    out = {}
+    for path in sorted(work.rglob("*")):
+        name = path.relative_to(work).as_posix()
+        if path.is_file() and path.name != output.MARKER:
+            out[name] = known.get(name) or progress_file.sha256_file(path)
+    return out
 
 
 def _write_manifest(

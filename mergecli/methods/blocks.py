@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mergecli.methods.selection import Selector, select_mask
+from mergecli.methods.selection import select_mask, whole_selection
 
 
 def keep_count(numel: int, density: float) -> int:
@@ -34,10 +34,7 @@ def top_k_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     if k <= 0:
         return torch.zeros_like(magnitude, dtype=torch.bool)
     if radix_ready(flat):
-        selector = Selector(k, n)
-        selector.observe(0, flat)
-        selector.observe(1, flat)
-        return select_mask(magnitude, selector.selection(0))
+        return select_mask(magnitude, whole_selection(flat, k))
     threshold = torch.kthvalue(flat, n - k + 1).values
     mask = flat > threshold
     missing = k - int(mask.sum())
@@ -56,17 +53,20 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest entry (1-based) of a flat tensor, exactly."""
     if not radix_ready(values) or k >= values.numel():
         return torch.kthvalue(values, values.numel() - k + 1).values
-    selector = Selector(k, values.numel())
-    selector.observe(0, values)
-    selector.observe(1, values)
-    return torch.tensor(selector.selection(0).threshold, dtype=values.dtype)
+    return torch.tensor(whole_selection(values, k).threshold, dtype=values.dtype)
 
 
 def magnitude_sparsify(delta: torch.Tensor, density: float) -> torch.Tensor:
     """TIES trim: keep the `keep_count` entries of largest magnitude, zero the rest."""
     if density >= 1:
         return delta
-    return delta * top_k_mask(delta.abs(), keep_count(delta.numel(), density))
+    magnitude, k = delta.abs(), keep_count(delta.numel(), density)
+    if magnitude.dtype != torch.float32 or k in (0, delta.numel()):
+        return delta * top_k_mask(magnitude, k)
+    selection = whole_selection(magnitude, k)
+    if selection.threshold == 0.0:
+        return delta  # entries at a zero threshold are zero: the mask changes nothing
+    return delta * select_mask(magnitude, selection)
 
 
 def rescale_l1(original: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

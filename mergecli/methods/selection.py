@@ -55,14 +55,12 @@ class Selector:
     def observe(self, pass_no: int, magnitude: torch.Tensor) -> None:
         """Feed one block of non-negative float32 magnitudes."""
         bits = magnitude.reshape(-1).view(torch.int32)
-        high = bits >> 16
         if pass_no == 0:
-            self.high += torch.bincount(high, minlength=HIGH_BUCKETS)
+            self.high += torch.bincount(bits >> 16, minlength=HIGH_BUCKETS)
             return
         if not self.lows:
             self.bucket, self.above = bucket_of(self.high, self.k)
-        low = bits[high == self.bucket] & 0xFFFF
-        self.lows.append(torch.bincount(low, minlength=LOW_BUCKETS).to(torch.int32))
+        self.lows.append(_low_histogram(bits, self.bucket))
 
     def selection(self, block: int) -> Selection:
         """What block `block` keeps (after both passes)."""
@@ -80,6 +78,28 @@ class Selector:
             self._equal = [int(low[offset]) for low in self.lows]
         before, here = sum(self._equal[:block]), self._equal[block]
         return Selection(threshold, max(0, min(here, missing - before)))
+
+
+def _low_histogram(bits: torch.Tensor, bucket: int) -> torch.Tensor:
+    """Histogram of the low 16 bits of the entries whose high 16 bits are `bucket`. Bucket 0
+    holds the zeros (most entries of a sparse task vector): they are counted, not gathered."""
+    low_end, high_end = bucket << 16, (bucket + 1) << 16
+    if bucket == 0:
+        picked = bits[(bits > 0) & (bits < high_end)]
+        histogram = torch.bincount(picked, minlength=LOW_BUCKETS)
+        histogram[0] += int((bits == 0).sum())
+    else:
+        picked = bits[(bits >= low_end) & (bits < high_end)] & 0xFFFF
+        histogram = torch.bincount(picked, minlength=LOW_BUCKETS)
+    return histogram.to(torch.int32)
+
+
+def whole_selection(magnitude: torch.Tensor, k: int) -> Selection:
+    """The selection of a whole tensor of non-negative float32 magnitudes (one block)."""
+    selector = Selector(k, magnitude.numel())
+    selector.observe(0, magnitude)
+    selector.observe(1, magnitude)
+    return selector.selection(0)
 
 
 def bucket_of(counts: torch.Tensor, k: int) -> tuple[int, int]:
