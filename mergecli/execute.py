@@ -128,7 +128,7 @@ def compute_tensor(
     with_masks: bool = False,
     clamp: bool = False,
     rows: tuple[int, int] | None = None,
-    selections: Sequence[Sequence[Selection]] | None = None,
+    stats: BlockStats | None = None,
 ) -> Computed:
     """Read the inputs of one output tensor (or of its `rows` for element-wise methods),
     merge them in float32/64 and cast to its dtype; also return the method's per-task masks
@@ -144,8 +144,17 @@ def compute_tensor(
     work = math_dtype(tensor.dtype, codes)
     loaded = [_load_checked(plan, r.model, r.name, reader, work, rows) for r in refs]
     base = loaded.pop() if tensor.base else None
+    offset = 0 if rows is None else rows[0] * tensor.row_numel
     args = MergeArgs(
-        loaded, base, tensor.params, tensor.per_model, tensor.name, plan.seed, selections
+        loaded,
+        base,
+        tensor.params,
+        tensor.per_model,
+        tensor.name,
+        plan.seed,
+        stats.selections if stats else None,
+        offset,
+        stats.sums if stats else None,
     )
     result = plan.method.fn(args)
     if tensor.post_scale is not None and base is not None:
@@ -190,22 +199,61 @@ def block_selections(
     }
 
 
-class _SelectionCache:
-    """Top-k selections per blocked tensor, computed once by the first job that needs them."""
+def block_sums(
+    plan: MergePlan,
+    tensor: TensorPlan,
+    reader: TensorReader,
+    blocks: Sequence[tuple[int, int] | None],
+) -> list[list[float]]:
+    """A method's per-model sums (`MethodSpec.sums`) over the whole tensor, one block at a
+    time."""
+    assert plan.method.sums is not None
+    total: list[list[float]] = []
+    for rows in blocks:
+        refs = [*tensor.inputs, *([tensor.base] if tensor.base else [])]
+        loaded = [reader.read(plan.models[r.model], r.name, rows).to(torch.float32) for r in refs]
+        base = loaded.pop() if tensor.base else None
+        offset = 0 if rows is None else rows[0] * tensor.row_numel
+        args = MergeArgs(
+            loaded, base, tensor.params, tensor.per_model, tensor.name, plan.seed, None, offset
+        )
+        part = plan.method.sums(args)
+        total = part if not total else [[a + b for a, b in zip(x, y)] for x, y in zip(total, part)]
+    return total
+
+
+@dataclass(frozen=True)
+class BlockStats:
+    """Whole-tensor facts a block of a blockwise method needs: top-k selections for this
+    block, per-model sums over the tensor."""
+
+    selections: list[list[Selection]] | None = None
+    sums: list[list[float]] | None = None
+
+
+class _StatsCache:
+    """Block stats per blocked tensor, computed once by the first job that needs them."""
 
     def __init__(self, plan: MergePlan, reader: TensorReader, block_elements: int) -> None:
         self.plan, self.reader, self.block_elements = plan, reader, block_elements
         self.lock = threading.Lock()
-        self.found: dict[int, dict[tuple[int, int] | None, list[list[Selection]]]] = {}
+        self.found: dict[int, dict[tuple[int, int] | None, BlockStats]] = {}
 
-    def get(self, job: _Job) -> list[list[Selection]] | None:
-        if self.plan.method.topk is None or job.rows is None or job.tensor.copy:
+    def get(self, job: _Job) -> BlockStats | None:
+        method = self.plan.method
+        if (method.topk is None and method.sums is None) or job.rows is None or job.tensor.copy:
             return None
         with self.lock:
             if job.index not in self.found:
-                blocks = row_blocks(self.plan, job.tensor, self.block_elements)
-                self.found[job.index] = block_selections(self.plan, job.tensor, self.reader, blocks)
+                self.found[job.index] = self._compute(job.tensor)
             return self.found[job.index][job.rows]
+
+    def _compute(self, tensor: TensorPlan) -> dict[tuple[int, int] | None, BlockStats]:
+        blocks = row_blocks(self.plan, tensor, self.block_elements)
+        method = self.plan.method
+        chosen = block_selections(self.plan, tensor, self.reader, blocks) if method.topk else {}
+        sums = block_sums(self.plan, tensor, self.reader, blocks) if method.sums else None
+        return {rows: BlockStats(chosen.get(rows), sums) for rows in blocks}
 
     def drop(self, index: int) -> None:
         with self.lock:
@@ -381,7 +429,7 @@ def run_plan(
     last = {t.shard: i for i, t in enumerate(plan.tensors)}
     recorded = {plan.shard_names[i]: digest for i, digest in finished.items()}
     reader = TensorReader()
-    selections = _SelectionCache(plan, reader, block_elements)
+    selections = _StatsCache(plan, reader, block_elements)
     clamped: dict[str, int] = {}
 
     def store(job: _Job, done: Computed) -> None:

@@ -25,6 +25,8 @@ from mergecli.methods.selection import Selector, select_mask
         ("ties", "base_model: {base}\nparameters: {{density: 0.4}}\n"),
         ("breadcrumbs", "base_model: {base}\nparameters: {{density: 0.5, gamma: 0.1}}\n"),
         ("breadcrumbs_ties", "base_model: {base}\nparameters: {{density: 0.3, gamma: 0.05}}\n"),
+        ("dare_ties", "base_model: {base}\nseed: 3\nparameters: {{density: 0.4}}\n"),
+        ("dare_linear", "base_model: {base}\nparameters: {{density: 0.6, rescale_mode: l1}}\n"),
     ],
 )
 def test_blocks_are_byte_identical(
@@ -46,7 +48,7 @@ def test_blocks_are_byte_identical(
 
 
 def test_methods_with_global_draws_are_not_blocked(family: dict[str, Path], tmp_path: Path) -> None:
-    text = f"merge_method: dare_ties\nbase_model: {family['base']}\nmodels:\n  - model: {family['a']}\n    parameters: {{weight: 1, density: 0.5}}\n"
+    text = f"merge_method: della\nbase_model: {family['base']}\nmodels:\n  - model: {family['a']}\n    parameters: {{weight: 1, density: 0.5}}\n"
     plan = plan_recipe(write(tmp_path / "r.yaml", text))
     embed = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
     assert row_blocks(plan, embed, 100) == [None]
@@ -98,3 +100,17 @@ def test_blockwise_selection_equals_whole_tensor_top_k(data: st.DataObject) -> N
     expected[order] = True
     assert torch.equal(torch.cat(masks).reshape(-1), expected)
     assert torch.equal(top_k_mask(values, k).reshape(-1), expected)
+
+
+def test_random_draws_of_a_block_equal_the_whole_tensors_draws() -> None:
+    from mergecli.methods.blocks import DRAW_CHUNK, uniform_draws
+
+    whole = uniform_draws(3 * DRAW_CHUNK + 5, 0, 1, "t", 2)
+    for offset, count in [
+        (0, 7),
+        (DRAW_CHUNK - 3, 10),
+        (5, 2 * DRAW_CHUNK),
+        (2 * DRAW_CHUNK + 1, DRAW_CHUNK + 4),
+    ]:
+        assert torch.equal(uniform_draws(count, offset, 1, "t", 2), whole[offset : offset + count])
+    assert not torch.equal(uniform_draws(10, 0, 1, "t", 3), whole[:10])

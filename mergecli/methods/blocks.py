@@ -76,16 +76,52 @@ def rescale_l1(original: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 
 
 def dare_drop(
-    delta: torch.Tensor, density: float, generator: torch.Generator, rescale: bool, mode: str
+    delta: torch.Tensor,
+    density: float,
+    draws: torch.Tensor,
+    rescale: bool,
+    mode: str,
+    norms: tuple[float, float] | None = None,
 ) -> torch.Tensor:
-    """DARE: keep each entry with probability `density`; rescale by L1 norm or by 1/density."""
+    """DARE: keep each entry whose uniform draw is < `density`; rescale by L1 norm (with
+    `norms` = (|delta|_1, |kept|_1) over the whole tensor when `delta` is a block of it) or
+    by 1/density."""
     if density >= 1:
         return delta
-    keep = torch.rand(delta.shape, generator=generator, dtype=torch.float64) < density
-    kept = delta * keep
+    kept = delta * (draws.reshape(delta.shape) < density)
     if not rescale:
         return kept
-    return rescale_l1(delta, kept) if mode == "l1" else kept / density
+    if mode != "l1":
+        return kept.div_(density)
+    before, after = norms if norms is not None else dare_norms(delta, kept)
+    return kept.mul_(before / after) if before >= 1e-8 and after >= 1e-8 else kept
+
+
+def dare_norms(delta: torch.Tensor, kept: torch.Tensor) -> tuple[float, float]:
+    """(|delta|_1, |kept|_1), summed in float64."""
+    return (
+        float(delta.abs().sum(dtype=torch.float64)),
+        float(kept.abs().sum(dtype=torch.float64)),
+    )
+
+
+DRAW_CHUNK = 1 << 20
+
+
+def uniform_draws(count: int, offset: int, seed: int, name: str, model: int) -> torch.Tensor:
+    """Uniform [0, 1) float64 draws for the flat entries [offset, offset + count) of tensor
+    `name`: every chunk of DRAW_CHUNK entries has its own generator (seed, name, model,
+    chunk), so a block of rows gets the same draws as the whole tensor has there."""
+    if count == 0:
+        return torch.empty(0, dtype=torch.float64)
+    end = offset + count
+    parts = []
+    for chunk in range(offset // DRAW_CHUNK, (end - 1) // DRAW_CHUNK + 1):
+        low = max(offset, chunk * DRAW_CHUNK) - chunk * DRAW_CHUNK
+        high = min(end, (chunk + 1) * DRAW_CHUNK) - chunk * DRAW_CHUNK
+        generator = generator_for(seed, f"{name}\0{chunk}", model)
+        parts.append(torch.rand(high, generator=generator, dtype=torch.float64)[low:])
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def breadcrumbs_mask(magnitude: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -145,7 +181,7 @@ def magprune(
     delta: torch.Tensor,
     density: float,
     epsilon: float,
-    generator: torch.Generator,
+    draws: torch.Tensor,
     rescale: bool,
     mode: str,
 ) -> torch.Tensor:
@@ -158,7 +194,7 @@ def magprune(
     ranks.scatter_(-1, order, torch.arange(m).expand_as(order))
     spread = ranks.to(rows.dtype) / (m - 1) if m > 1 else torch.zeros_like(rows)
     probs = (density - epsilon) + 2 * epsilon * spread
-    keep = torch.rand(rows.shape, generator=generator, dtype=torch.float64) < probs
+    keep = draws.reshape(rows.shape) < probs
     kept = rows * keep
     if rescale:
         kept = rescale_l1(rows, kept) if mode == "l1" else kept / probs

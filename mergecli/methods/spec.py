@@ -77,7 +77,8 @@ class MergeArgs:
     and `seed` the run's seed (random methods derive their generator from both). When the
     tensors are a block of rows of a top-k method, `selections[i]` holds model i's top-k
     selections for this block, one per count of `MethodSpec.topk`, found over the whole
-    tensor.
+    tensor. `offset` is the flat index of the block's first entry (random draws depend on
+    it) and `sums[i]` model i's sums over the whole tensor from `MethodSpec.sums`.
     """
 
     tensors: Sequence[torch.Tensor]
@@ -87,6 +88,8 @@ class MergeArgs:
     name: str = ""
     seed: int = 0
     selections: Sequence[Sequence[Selection]] | None = None
+    offset: int = 0
+    sums: Sequence[Sequence[float]] | None = None
 
 
 MethodFn = Callable[[MergeArgs], torch.Tensor]
@@ -117,11 +120,12 @@ class MethodSpec:
     masks: Callable[[MergeArgs], list[torch.Tensor]] | None = None
     elementwise: bool = False
     topk: TopK | None = None
+    sums: Callable[[MergeArgs], list[list[float]]] | None = None
 
     @property
     def blockwise(self) -> bool:
         """True when a big tensor can be merged in row blocks (element-wise after top-k)."""
-        return self.elementwise or self.topk is not None
+        return self.elementwise or self.topk is not None or self.sums is not None
 
     @property
     def uses_base(self) -> bool:

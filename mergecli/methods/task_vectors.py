@@ -15,13 +15,14 @@ from mergecli.methods.blocks import (
     breadcrumbs_counts,
     breadcrumbs_mask,
     dare_drop,
+    dare_norms,
     disjoint_merge,
     elect_sign,
-    generator_for,
     keep_count,
     magnitude_sparsify,
     magprune,
     top_k_mask,
+    uniform_draws,
 )
 from mergecli.methods.selection import select_mask
 from mergecli.methods.spec import MergeArgs, MethodSpec, ParamSpec
@@ -72,10 +73,30 @@ def _magnitude_counts(params: Mapping[str, Any], model: Mapping[str, Any], numel
 
 def _dare(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
     density = float(args.per_model[i]["density"])
-    generator = generator_for(args.seed, args.name, i)
-    return dare_drop(
-        delta, density, generator, bool(args.params["rescale"]), str(args.params["rescale_mode"])
-    )
+    if density >= 1:
+        return delta
+    draws = uniform_draws(delta.numel(), args.offset, args.seed, args.name, i)
+    norms = (args.sums[i][0], args.sums[i][1]) if args.sums and args.sums[i] else None
+    rescale, mode = bool(args.params["rescale"]), str(args.params["rescale_mode"])
+    return dare_drop(delta, density, draws, rescale, mode, norms)
+
+
+def _dare_sums(args: MergeArgs) -> list[list[float]]:
+    """Per model, the L1 norms of its task vector and of the kept entries over this block
+    (what the L1 rescale needs over the whole tensor)."""
+    assert args.base is not None
+    out: list[list[float]] = []
+    for i, tensor in enumerate(args.tensors):
+        density = float(args.per_model[i]["density"])
+        l1 = bool(args.params["rescale"]) and args.params["rescale_mode"] == "l1"
+        if density >= 1 or not l1:
+            out.append([])
+            continue
+        delta = tensor - args.base
+        draws = uniform_draws(delta.numel(), args.offset, args.seed, args.name, i)
+        kept = delta * (draws.reshape(delta.shape) < density)
+        out.append(list(dare_norms(delta, kept)))
+    return out
 
 
 def _breadcrumbs(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
@@ -95,9 +116,9 @@ def _breadcrumbs_counts(
 
 def _della(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
     density = float(args.per_model[i]["density"])
-    generator = generator_for(args.seed, args.name, i)
+    draws = uniform_draws(delta.numel(), args.offset, args.seed, args.name, i)
     epsilon, rescale = float(args.params["epsilon"]), bool(args.params["rescale"])
-    return magprune(delta, density, epsilon, generator, rescale, str(args.params["rescale_mode"]))
+    return magprune(delta, density, epsilon, draws, rescale, str(args.params["rescale_mode"]))
 
 
 def _method(sparsify: Sparsify, elect: bool) -> Callable[[MergeArgs], torch.Tensor]:
@@ -238,6 +259,7 @@ SPECS = (
         needs_base=True,
         random=True,
         paper=DARE_PAPER,
+        sums=_dare_sums,
     ),
     MethodSpec(
         "dare_ties",
@@ -247,6 +269,7 @@ SPECS = (
         needs_base=True,
         random=True,
         paper=DARE_PAPER,
+        sums=_dare_sums,
     ),
     MethodSpec(
         "breadcrumbs",
