@@ -179,7 +179,7 @@ def block_selections(
     blocks (inputs are read block by block; no whole tensor is held)."""
     assert plan.method.topk is not None and tensor.base is not None
     counts = [plan.method.topk(tensor.params, p, tensor.numel) for p in tensor.per_model]
-    selectors = [[Selector(k, tensor.numel) for k in c] for c in counts]
+    selectors = [[Selector(k, tensor.numel, len(blocks)) for k in c] for c in counts]
     base_ref = tensor.base
 
     def read(model: int, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
@@ -206,9 +206,9 @@ def block_sums(
     blocks: Sequence[tuple[int, int] | None],
 ) -> list[list[float]]:
     """A method's per-model sums (`MethodSpec.sums`) over the whole tensor, one block at a
-    time."""
+    time: per-row partial sums of every block, added exactly at the end."""
     assert plan.method.sums is not None
-    total: list[list[float]] = []
+    parts: list[list[list[list[float]]]] = []
     for rows in blocks:
         refs = [*tensor.inputs, *([tensor.base] if tensor.base else [])]
         loaded = [reader.read(plan.models[r.model], r.name, rows).to(torch.float32) for r in refs]
@@ -217,9 +217,15 @@ def block_sums(
         args = MergeArgs(
             loaded, base, tensor.params, tensor.per_model, tensor.name, plan.seed, None, offset
         )
-        part = plan.method.sums(args)
-        total = part if not total else [[a + b for a, b in zip(x, y)] for x, y in zip(total, part)]
-    return total
+        # plain floats at once: a small tensor left above the freed block temporaries
+        # would pin them in the heap (RSS grew by a block per block)
+        parts.append([[r.tolist() for r in quantities] for quantities in plan.method.sums(args)])
+        del loaded, base, args
+    models = len(parts[0]) if parts else 0
+    return [
+        [math.fsum(x for p in parts for x in p[m][q]) for q in range(len(parts[0][m]))]
+        for m in range(models)
+    ]
 
 
 @dataclass(frozen=True)

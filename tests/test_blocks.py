@@ -25,6 +25,7 @@ from mergecli.methods.selection import Selector, select_mask
         ("ties", "base_model: {base}\nparameters: {{density: 0.4}}\n"),
         ("breadcrumbs", "base_model: {base}\nparameters: {{density: 0.5, gamma: 0.1}}\n"),
         ("breadcrumbs_ties", "base_model: {base}\nparameters: {{density: 0.3, gamma: 0.05}}\n"),
+        ("slerp", "base_model: {base}\nparameters: {{t: [0, 0.3, 1]}}\n"),
         ("dare_ties", "base_model: {base}\nseed: 3\nparameters: {{density: 0.4}}\n"),
         ("dare_linear", "base_model: {base}\nparameters: {{density: 0.6, rescale_mode: l1}}\n"),
     ],
@@ -32,8 +33,9 @@ from mergecli.methods.selection import Selector, select_mask
 def test_blocks_are_byte_identical(
     family: dict[str, Path], tmp_path: Path, method: str, extra: str
 ) -> None:
-    models = [family["a"]] if method == "nearswap" else [family["a"], family["b"]]
-    weight = "" if method == "nearswap" else "\n    parameters: {weight: 0.7}"
+    single = method in ("nearswap", "slerp")
+    models = [family["a"]] if single else [family["a"], family["b"]]
+    weight = "" if single else "\n    parameters: {weight: 0.7}"
     text = f"merge_method: {method}\n" + extra.format(base=family["base"]) + "models:\n"
     text += "".join(f"  - model: {m}{weight}\n" for m in models)
     recipe = write(tmp_path / "r.yaml", text)
@@ -89,7 +91,7 @@ def test_blockwise_selection_equals_whole_tensor_top_k(data: st.DataObject) -> N
         sorted(set(data.draw(st.lists(st.integers(1, rows - 1), max_size=4)))) if rows > 1 else []
     )
     blocks = list(zip([0, *cuts], [*cuts, rows]))
-    selector = Selector(k, values.numel())
+    selector = Selector(k, values.numel(), len(blocks))
     for pass_no in (0, 1):
         for start, end in blocks:
             selector.observe(pass_no, values[start:end])

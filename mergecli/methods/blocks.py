@@ -71,7 +71,7 @@ def magnitude_sparsify(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 def rescale_l1(original: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """Scale `kept` so its L1 norm equals `original`'s (unchanged when either is ~0)."""
-    before, after = float(original.abs().sum()), float(kept.abs().sum())
+    before, after = dare_norms(original, kept)
     return kept * (before / after) if before >= 1e-8 and after >= 1e-8 else kept
 
 
@@ -98,11 +98,20 @@ def dare_drop(
 
 
 def dare_norms(delta: torch.Tensor, kept: torch.Tensor) -> tuple[float, float]:
-    """(|delta|_1, |kept|_1), summed in float64."""
-    return (
-        float(delta.abs().sum(dtype=torch.float64)),
-        float(kept.abs().sum(dtype=torch.float64)),
-    )
+    """(|delta|_1, |kept|_1), the same however the tensor is cut into row blocks."""
+    return exact_total([row_sums(delta.abs())]), exact_total([row_sums(kept.abs())])
+
+
+def row_sums(values: torch.Tensor) -> torch.Tensor:
+    """float64 sum of each row (a 0-D or 1-D tensor is one row): a row's sum does not depend
+    on which block of rows it was computed in."""
+    rows = values.reshape(values.shape[0] if values.dim() > 1 else 1, -1)
+    return rows.sum(dim=1, dtype=torch.float64)
+
+
+def exact_total(parts: Sequence[torch.Tensor]) -> float:
+    """The correctly rounded sum of per-row sums (math.fsum), independent of their grouping."""
+    return math.fsum(torch.cat([p.reshape(-1) for p in parts]).tolist()) if parts else 0.0
 
 
 DRAW_CHUNK = 1 << 20

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from mergecli.methods.blocks import exact_quantile
+from mergecli.methods.blocks import exact_quantile, exact_total, row_sums
 from mergecli.methods.spec import MergeArgs, MethodSpec, ParamSpec
 
 PARALLEL = 0.9995
@@ -20,15 +20,23 @@ def slerp(args: MergeArgs) -> torch.Tensor:
     """
     assert args.base is not None
     a, c, t = args.base, args.tensors[0], float(args.params["t"])
-    norm_a, norm_c = float(a.norm()), float(c.norm())
+    sums = args.sums[0] if args.sums else [exact_total([s]) for s in _slerp_sums(args)[0]]
+    norm_a, norm_c = math.sqrt(sums[0]), math.sqrt(sums[1])
     if norm_a == 0 or norm_c == 0:
         return (1 - t) * a + t * c
-    cos = float((a.reshape(-1) @ c.reshape(-1)) / (norm_a * norm_c))
+    cos = sums[2] / (norm_a * norm_c)
     if abs(cos) > PARALLEL:
         return (1 - t) * a + t * c
     theta = math.acos(max(-1.0, min(1.0, cos)))
     sin_theta = math.sin(theta)
     return (math.sin((1 - t) * theta) / sin_theta) * a + (math.sin(t * theta) / sin_theta) * c
+
+
+def _slerp_sums(args: MergeArgs) -> list[list[torch.Tensor]]:
+    """Per-row sums (accumulated in float64) of A*A, C*C and A*C: norms and dot product."""
+    assert args.base is not None
+    a, c = args.base, args.tensors[0]
+    return [[row_sums(a * a), row_sums(c * c), row_sums(a * c)]]
 
 
 def nearswap(args: MergeArgs) -> torch.Tensor:
@@ -99,6 +107,7 @@ SPECS = (
         min_models=1,
         max_models=1,
         paper="https://dl.acm.org/doi/10.1145/325165.325242",
+        sums=_slerp_sums,
     ),
     MethodSpec(
         "nearswap",

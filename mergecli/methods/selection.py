@@ -44,10 +44,12 @@ class Selector:
     """Two passes over the same blocks in the same order: `observe(0, m)` for every block,
     `observe(1, m)` for every block, then `selection(j)` for block j."""
 
-    def __init__(self, k: int, numel: int) -> None:
+    def __init__(self, k: int, numel: int, blocks: int = 1) -> None:
         self.k, self.numel = k, numel
         self.high = torch.zeros(HIGH_BUCKETS, dtype=torch.int64)
-        self.lows: list[torch.Tensor] = []
+        # allocated up front: small tensors made between block temporaries pin the heap
+        self.lows = torch.zeros(blocks, LOW_BUCKETS, dtype=torch.int32)
+        self.seen = 0
         self.bucket, self.above = 0, 0
         self._total: torch.Tensor | None = None
         self._equal: list[int] | None = None
@@ -58,9 +60,10 @@ class Selector:
         if pass_no == 0:
             self.high += torch.bincount(bits >> 16, minlength=HIGH_BUCKETS)
             return
-        if not self.lows:
+        if self.seen == 0:
             self.bucket, self.above = bucket_of(self.high, self.k)
-        self.lows.append(_low_histogram(bits, self.bucket))
+        self.lows[self.seen] = _low_histogram(bits, self.bucket)
+        self.seen += 1
 
     def selection(self, block: int) -> Selection:
         """What block `block` keeps (after both passes)."""
@@ -69,7 +72,7 @@ class Selector:
         if self.k <= 0:
             return Selection(0.0, 0, "none")
         if self._total is None:
-            self._total = torch.stack(self.lows).to(torch.int64).sum(0)
+            self._total = self.lows.to(torch.int64).sum(0)
         offset, greater_in_bucket = bucket_of(self._total, self.k - self.above)
         pattern = torch.tensor([(self.bucket << 16) | offset], dtype=torch.int32)
         threshold = float(pattern.view(torch.float32)[0])

@@ -120,7 +120,7 @@ class MethodSpec:
     masks: Callable[[MergeArgs], list[torch.Tensor]] | None = None
     elementwise: bool = False
     topk: TopK | None = None
-    sums: Callable[[MergeArgs], list[list[float]]] | None = None
+    sums: Callable[[MergeArgs], list[list[torch.Tensor]]] | None = None
 
     @property
     def blockwise(self) -> bool:

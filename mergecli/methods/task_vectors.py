@@ -15,12 +15,12 @@ from mergecli.methods.blocks import (
     breadcrumbs_counts,
     breadcrumbs_mask,
     dare_drop,
-    dare_norms,
     disjoint_merge,
     elect_sign,
     keep_count,
     magnitude_sparsify,
     magprune,
+    row_sums,
     top_k_mask,
     uniform_draws,
 )
@@ -81,11 +81,11 @@ def _dare(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
     return dare_drop(delta, density, draws, rescale, mode, norms)
 
 
-def _dare_sums(args: MergeArgs) -> list[list[float]]:
-    """Per model, the L1 norms of its task vector and of the kept entries over this block
+def _dare_sums(args: MergeArgs) -> list[list[torch.Tensor]]:
+    """Per model, per-row L1 norms of its task vector and of the kept entries in this block
     (what the L1 rescale needs over the whole tensor)."""
     assert args.base is not None
-    out: list[list[float]] = []
+    out: list[list[torch.Tensor]] = []
     for i, tensor in enumerate(args.tensors):
         density = float(args.per_model[i]["density"])
         l1 = bool(args.params["rescale"]) and args.params["rescale_mode"] == "l1"
@@ -95,7 +95,7 @@ def _dare_sums(args: MergeArgs) -> list[list[float]]:
         delta = tensor - args.base
         draws = uniform_draws(delta.numel(), args.offset, args.seed, args.name, i)
         kept = delta * (draws.reshape(delta.shape) < density)
-        out.append(list(dare_norms(delta, kept)))
+        out.append([row_sums(delta.abs()), row_sums(kept.abs())])
     return out
 
 
