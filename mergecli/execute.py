@@ -53,7 +53,7 @@ TOKENIZER_FILES = (
 )
 Progress = Callable[[TensorPlan], None]
 MASKS_FILE = "masks.safetensors"
-BLOCK_ELEMENTS = 1 << 23
+BLOCK_ELEMENTS = 1 << 22
 PIPELINE_JOBS = 2
 PIPELINE_BYTES = 1 << 30
 
