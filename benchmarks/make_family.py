@@ -47,7 +47,12 @@ SIZES = {
 
 def shapes(size: str) -> tuple[Qwen2Config, dict[str, tuple[int, ...]]]:
     """The config and every tensor's shape, from a model built on the meta device."""
-    config = Qwen2Config(**SIZES[size], tie_word_embeddings=False, torch_dtype="bfloat16")
+    config = Qwen2Config(
+        **SIZES[size],
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+        architectures=["Qwen2ForCausalLM"],
+    )
     with torch.device("meta"):
         model = Qwen2ForCausalLM(config)
     return config, {name: tuple(t.shape) for name, t in model.state_dict().items()}

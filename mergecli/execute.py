@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,9 @@ import torch
 from mergecli import __version__
 from mergecli import progress as progress_file
 from mergecli.card import render_card
-from mergecli.errors import NumericsError
+from mergecli.errors import NumericsError, UsageError
 from mergecli.io import output
-from mergecli.io.dtypes import CODE_TO_TORCH, math_dtype
+from mergecli.io.dtypes import CODE_TO_TORCH, ITEMSIZE, math_dtype
 from mergecli.io.reader import TensorReader
 from mergecli.io.source import LocalSource
 from mergecli.io.writer import ShardWriter
@@ -56,6 +56,7 @@ MASKS_FILE = "masks.safetensors"
 BLOCK_ELEMENTS = 1 << 22
 PIPELINE_JOBS = 2
 PIPELINE_BYTES = 1 << 30
+RUNTIME_BYTES = 300 * 10**6  # interpreter, torch, plan: 0.27 GB measured before the first tensor
 
 
 @dataclass(frozen=True)
@@ -357,13 +358,20 @@ class _Job:
     tensor: TensorPlan
     rows: tuple[int, int] | None
     final: bool
+    working_bytes: int = 0
 
-    @property
-    def working_bytes(self) -> int:
-        """Estimated memory while computing this job."""
-        if self.rows is None:
-            return self.tensor.math_bytes()
-        return self.tensor.math_bytes((self.rows[1] - self.rows[0]) * self.tensor.row_numel)
+
+def job_bytes(plan: MergePlan, tensor: TensorPlan, rows: tuple[int, int] | None) -> int:
+    """Estimated peak memory of computing `tensor` (or its `rows`): the method's measured
+    float32 copies per input (`MethodSpec.peak_copies`), or read plus written bytes for a
+    copy."""
+    numel = tensor.numel if rows is None else (rows[1] - rows[0]) * tensor.row_numel
+    if tensor.copy:
+        return 2 * numel * ITEMSIZE[tensor.dtype]
+    inputs = len(tensor.inputs) + (1 if tensor.base is not None else 0)
+    if tensor.vocab_names is not None:
+        inputs = len(tensor.vocab_names) + 2
+    return int(plan.method.peak_copies * inputs * numel * 4)
 
 
 def plan_jobs(plan: MergePlan, keep: frozenset[int], block_elements: int) -> list[_Job]:
@@ -373,23 +381,71 @@ def plan_jobs(plan: MergePlan, keep: frozenset[int], block_elements: int) -> lis
         if tensor.shard in keep:
             continue
         blocks = row_blocks(plan, tensor, block_elements)
-        jobs += [_Job(index, tensor, rows, k == len(blocks) - 1) for k, rows in enumerate(blocks)]
+        for k, rows in enumerate(blocks):
+            final = k == len(blocks) - 1
+            jobs.append(_Job(index, tensor, rows, final, job_bytes(plan, tensor, rows)))
     return jobs
 
 
+@dataclass(frozen=True)
+class Budget:
+    """How a run uses memory: jobs computed at once, row-block size, bytes for jobs."""
+
+    workers: int = PIPELINE_JOBS
+    block_elements: int = BLOCK_ELEMENTS
+    job_bytes: int = PIPELINE_BYTES
+
+
+def budget_for(plan: MergePlan, max_memory: int | None, workers: int = PIPELINE_JOBS) -> Budget:
+    """The run settings that keep the predicted peak under `max_memory` bytes (when given):
+    jobs get what the runtime leaves, and row blocks are sized so `workers` jobs fit."""
+    if max_memory is None:
+        return Budget(workers)
+    room = max_memory - RUNTIME_BYTES
+    if room <= 0:
+        raise UsageError(
+            f"--max-memory {max_memory} bytes is below the runtime's own "
+            f"{RUNTIME_BYTES // 10**6} MB",
+            hint="give at least 1GB",
+        )
+    per_entry = max((job_bytes(plan, t, None) / max(t.numel, 1) for t in plan.tensors), default=4.0)
+    block = int(room / workers / per_entry)
+    return Budget(workers, max(1, min(BLOCK_ELEMENTS, block)), room)
+
+
+def predict_peak(plan: MergePlan, budget: Budget) -> int:
+    """Peak resident memory the run should reach: the runtime plus the largest set of jobs
+    the pipeline admits at once (it admits like `_pipeline`)."""
+    pending: deque[int] = deque()
+    in_flight = peak = 0
+    for job in plan_jobs(plan, frozenset(), budget.block_elements):
+        while pending and (
+            len(pending) >= budget.workers or in_flight + job.working_bytes > budget.job_bytes
+        ):
+            in_flight -= pending.popleft()
+        pending.append(job.working_bytes)
+        in_flight += job.working_bytes
+        peak = max(peak, in_flight)
+    return RUNTIME_BYTES + peak
+
+
 def _pipeline(
-    jobs: list[_Job], compute: Callable[[_Job], Computed], store: Callable[[_Job, Computed], None]
+    jobs: list[_Job],
+    compute: Callable[[_Job], Computed],
+    store: Callable[[_Job, Computed], None],
+    budget: Budget,
 ) -> None:
-    """Compute up to PIPELINE_JOBS jobs at once (reading overlaps math) while their estimated
-    working memory stays under PIPELINE_BYTES; store results in plan order. A job larger
-    than the budget runs alone."""
+    """Compute up to `budget.workers` jobs at once (reading overlaps math) while their
+    estimated working memory stays under `budget.job_bytes`; store results in plan order.
+    A job larger than the budget runs alone."""
     pending: deque[tuple[_Job, Future[Computed]]] = deque()
     in_flight = 0
-    with ThreadPoolExecutor(max_workers=PIPELINE_JOBS) as pool:
+    with ThreadPoolExecutor(max_workers=budget.workers) as pool:
         try:
             for job in jobs:
                 while pending and (
-                    len(pending) >= PIPELINE_JOBS or in_flight + job.working_bytes > PIPELINE_BYTES
+                    len(pending) >= budget.workers
+                    or in_flight + job.working_bytes > budget.job_bytes
                 ):
                     done_job, future = pending.popleft()
                     store(done_job, future.result())
@@ -415,7 +471,8 @@ def run_plan(
     clamp_overflow: bool = False,
     resume: bool = False,
     verify: bool = False,
-    block_elements: int = BLOCK_ELEMENTS,
+    block_elements: int | None = None,
+    budget: Budget | None = None,
 ) -> RunResult:
     """Execute `plan` into `out` atomically and return what was written.
 
@@ -423,6 +480,10 @@ def run_plan(
     `OUT.partial`) are reused when their fingerprint and sha256 still match.
     """
     started = time.monotonic()
+    budget = budget or Budget()
+    if block_elements is not None:
+        budget = replace(budget, block_elements=block_elements)
+    block_elements = budget.block_elements
     roots = [m.source.root for m in plan.models if isinstance(m.source, LocalSource)]
     output.check_output(out, overwrite, roots)
     work = output.start(out, resume)
@@ -467,7 +528,7 @@ def run_plan(
         if masks is not None:
             masks.folder.mkdir(parents=True, exist_ok=True)
             masks.open()
-        _pipeline(plan_jobs(plan, keep, block_elements), compute, store)
+        _pipeline(plan_jobs(plan, keep, block_elements), compute, store, budget)
         writer.close()
         (work / progress_file.PROGRESS).unlink(missing_ok=True)
         if masks is not None:

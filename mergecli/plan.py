@@ -82,12 +82,6 @@ class TensorPlan:
         """Elements per row (along the first dimension); all of them for 0-D/empty tensors."""
         return self.numel // self.shape[0] if self.shape and self.shape[0] else self.numel
 
-    def math_bytes(self, numel: int | None = None) -> int:
-        """Estimated working memory of the math over `numel` entries (default: all): float32
-        copies of every input and the base, plus the result and one temporary."""
-        count = len(self.inputs) + (1 if self.base is not None else 0)
-        return (count + 2) * (self.numel if numel is None else numel) * 4
-
 
 @dataclass(frozen=True)
 class MergePlan:
@@ -120,14 +114,6 @@ class MergePlan:
             for ref in (*t.inputs, *([t.base] if t.base else []))
         }
         return sum(self.models[m].tensors[n].nbytes for m, n in seen)
-
-    def peak_tensor_bytes(self) -> int:
-        """Predicted peak working memory for tensors in the sequential executor."""
-        peak = 0
-        for t in self.tensors:
-            work = 0 if t.copy else t.math_bytes()
-            peak = max(peak, work + t.nbytes)
-        return peak
 
 
 def build_plan(

@@ -135,5 +135,5 @@ def test_plan_table(runner: CliRunner) -> None:
     code, out, _ = invoke(runner, "plan", str(RECIPES / "frankenmerge.yaml"))
     assert code == 0
     assert "model.layers.5.mlp.up_proj.weight" in out
-    assert "predicted peak tensor memory" in out
+    assert "predicted peak memory" in out
     assert "layers: 4 in the base/first model -> 6 in the output" in out

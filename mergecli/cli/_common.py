@@ -10,6 +10,14 @@ from mergecli.recipe.load import load_recipe
 from mergecli.units import parse_size
 
 
+def size_option(text: str, option: str) -> int:
+    """Parse a size option, as a usage error when it is malformed."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc}") from None
+
+
 def shard_bytes(text: str) -> int:
     """Parse `--shard-size`, as a usage error when it is malformed."""
     try:

@@ -17,3 +17,15 @@ SeedOpt = Annotated[
     int | None,
     typer.Option("--seed", min=0, help="Seed for random methods (overrides the recipe's)."),
 ]
+MaxMemoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--max-memory",
+        help="Peak memory to stay under, with units (e.g. 1GB): smaller row blocks and fewer "
+        "jobs at once.",
+    ),
+]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option("--threads", min=1, help="Tensors (or row blocks) computed at once; default 2."),
+]

@@ -11,6 +11,7 @@ from mergecli.cli._common import plan_recipe
 from mergecli.cli._console import stdout_console
 from mergecli.cli._errors import handle_errors
 from mergecli.cli._options import JsonOpt, RecipeArg, SeedOpt, ShardSizeOpt
+from mergecli.execute import budget_for, predict_peak
 from mergecli.io.dtypes import CODE_TO_NAME
 from mergecli.plan import MergePlan, TensorPlan
 from mergecli.units import format_size
@@ -31,7 +32,7 @@ def plan_to_dict(plan: MergePlan) -> dict[str, Any]:
         ],
         "bytes_to_read": plan.read_bytes,
         "bytes_to_write": plan.total_bytes,
-        "predicted_peak_tensor_bytes": plan.peak_tensor_bytes(),
+        "predicted_peak_bytes": predict_peak(plan, budget_for(plan, None)),
         "shards": list(plan.shard_names),
         "seed": plan.seed,
         "vocabulary": None
@@ -107,8 +108,8 @@ def plan(
     console.print(table)
     console.print(
         f"read {format_size(data['bytes_to_read'])}, write {format_size(data['bytes_to_write'])} "
-        f"in {len(data['shards'])} shard(s); predicted peak tensor memory "
-        f"{format_size(data['predicted_peak_tensor_bytes'])}"
+        f"in {len(data['shards'])} shard(s); predicted peak memory "
+        f"{format_size(data['predicted_peak_bytes'])}"
     )
     for note in data["notes"]:
         console.print(f"note: {note}")

@@ -16,12 +16,27 @@ import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
 from mergecli.card import card_license
-from mergecli.cli._common import plan_recipe
+from mergecli.cli._common import plan_recipe, size_option
 from mergecli.cli._console import STDERR
 from mergecli.cli._errors import handle_errors
-from mergecli.cli._options import JsonOpt, QuietOpt, RecipeArg, SeedOpt, ShardSizeOpt
+from mergecli.cli._options import (
+    JsonOpt,
+    MaxMemoryOpt,
+    QuietOpt,
+    RecipeArg,
+    SeedOpt,
+    ShardSizeOpt,
+    ThreadsOpt,
+)
 from mergecli.errors import UsageError
-from mergecli.execute import RunResult, run_plan
+from mergecli.execute import (
+    PIPELINE_JOBS,
+    Budget,
+    RunResult,
+    budget_for,
+    predict_peak,
+    run_plan,
+)
 from mergecli.plan import MergePlan, TensorPlan
 from mergecli.units import format_size
 
@@ -42,9 +57,8 @@ def run(
     ],
     shard_size: ShardSizeOpt = "5GB",
     seed: SeedOpt = None,
-    threads: Annotated[
-        int | None, typer.Option("--threads", min=1, help="CPU threads for the math.")
-    ] = None,
+    threads: ThreadsOpt = None,
+    max_memory: MaxMemoryOpt = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Validate and plan, write nothing.")
     ] = False,
@@ -83,12 +97,9 @@ def run(
 ) -> None:
     """Merge the models of RECIPE into the folder OUT."""
     signal.signal(signal.SIGTERM, _terminate)
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
     started = time.monotonic()
     plan = plan_recipe(recipe, shard_size, seed)
+    budget = _budget(plan, max_memory, threads)
     if out.exists() and not out.is_dir():
         raise UsageError(f"-o {out} is a file", hint="give a folder path")
     if not quiet:
@@ -100,7 +111,7 @@ def run(
         return
     text = recipe.read_text(encoding="utf-8")
     show = not quiet and (progress or sys.stderr.isatty())
-    options = RunOptions(overwrite, reproducible, clamp_overflow, resume, verify)
+    options = RunOptions(overwrite, reproducible, clamp_overflow, resume, verify, budget)
     result = _execute(plan, out, text, show, options)
     if result.reused_shards:
         STDERR.print(f"resumed: reused {result.reused_shards} of {len(plan.shard_names)} shards")
@@ -139,6 +150,7 @@ class RunOptions:
     clamp_overflow: bool
     resume: bool
     verify: bool
+    budget: Budget
 
 
 def _one_malloc_arena() -> None:
@@ -155,9 +167,23 @@ def _one_malloc_arena() -> None:
         return
 
 
+def _budget(plan: MergePlan, max_memory: str | None, threads: int | None) -> Budget:
+    """Run settings from --max-memory and --threads; warn when the budget cannot be met."""
+    limit = None if max_memory is None else size_option(max_memory, "--max-memory")
+    budget = budget_for(plan, limit, threads or PIPELINE_JOBS)
+    if limit is not None and predict_peak(plan, budget) > limit:
+        STDERR.print(
+            f"warning: predicted peak {format_size(predict_peak(plan, budget))} is above "
+            f"--max-memory {format_size(limit)}: `{plan.method.name}` needs whole tensors "
+            "for some tensors (only element-wise and top-k methods run in row blocks)",
+            markup=False,
+        )
+    return budget
+
+
 def _execute(plan: MergePlan, out: Path, text: str, show: bool, options: RunOptions) -> RunResult:
     _one_malloc_arena()
-    kwargs = dataclasses.asdict(options)
+    kwargs = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
     if not show:
         return run_plan(plan, out, text, **kwargs)
     columns = (

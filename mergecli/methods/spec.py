@@ -121,6 +121,7 @@ class MethodSpec:
     elementwise: bool = False
     topk: TopK | None = None
     sums: Callable[[MergeArgs], list[list[torch.Tensor]]] | None = None
+    peak_copies: float = 4.0
 
     @property
     def blockwise(self) -> bool:

@@ -1,0 +1,79 @@
+"""Memory budget: --max-memory sizes row blocks and admission; the plan predicts the peak."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from conftest import invoke, write
+from mergecli.cli._common import plan_recipe
+from mergecli.execute import RUNTIME_BYTES, Budget, budget_for, plan_jobs, predict_peak
+
+
+def ties_recipe(family: dict[str, Path], tmp_path: Path) -> Path:
+    return write(
+        tmp_path / "r.yaml",
+        f"merge_method: ties\nbase_model: {family['base']}\nmodels:\n"
+        f"  - model: {family['a']}\n    parameters: {{weight: 0.6, density: 0.4}}\n"
+        f"  - model: {family['b']}\n    parameters: {{weight: 0.4, density: 0.6}}\n",
+    )
+
+
+def test_max_memory_gives_smaller_blocks_and_the_same_bytes(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
+    recipe = ties_recipe(family, tmp_path)
+    plan = plan_recipe(recipe)
+    tight = budget_for(plan, RUNTIME_BYTES + 40_000)
+    assert tight.job_bytes == 40_000 and tight.workers == 2
+    assert 1 <= tight.block_elements < 1024  # the 32 x 32 embedding is cut into row blocks
+    assert any(job.rows is not None for job in plan_jobs(plan, frozenset(), tight.block_elements))
+    outs = []
+    for name, extra in (("default", []), ("tight", ["--max-memory", str(RUNTIME_BYTES + 40_000)])):
+        out = tmp_path / name
+        code, _, err = invoke(
+            runner, "run", str(recipe), "-o", str(out), "--reproducible", "-q", *extra
+        )
+        assert code == 0, err
+        outs.append(out)
+    for path in sorted(p.name for p in outs[0].iterdir()):
+        assert (outs[0] / path).read_bytes() == (outs[1] / path).read_bytes(), path
+
+
+def test_max_memory_below_the_runtime_is_a_usage_error(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
+    recipe = ties_recipe(family, tmp_path)
+    code, _, err = invoke(
+        runner, "run", str(recipe), "-o", str(tmp_path / "o"), "--max-memory", "100MB"
+    )
+    assert code == 2
+    assert "--max-memory 100000000 bytes is below the runtime's own 300 MB" in err
+    code, _, err = invoke(
+        runner, "run", str(recipe), "-o", str(tmp_path / "o"), "--max-memory", "lots"
+    )
+    assert code == 2 and "--max-memory: cannot read 'lots' as a size" in err
+
+
+def test_predicted_peak_follows_the_pipeline_admission(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
+    plan = plan_recipe(ties_recipe(family, tmp_path))
+    sizes = [job.working_bytes for job in plan_jobs(plan, frozenset(), Budget().block_elements)]
+    assert predict_peak(plan, Budget(workers=1)) == RUNTIME_BYTES + max(sizes)
+    pairs = max(a + b for a, b in itertools.pairwise(sizes))
+    assert predict_peak(plan, Budget(workers=2)) == RUNTIME_BYTES + pairs
+    # a budget below two jobs admits one at a time
+    assert predict_peak(plan, Budget(workers=2, job_bytes=max(sizes))) == RUNTIME_BYTES + max(sizes)
+
+
+def test_plan_json_shows_the_predicted_peak(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
+    recipe = ties_recipe(family, tmp_path)
+    code, out, err = invoke(runner, "plan", str(recipe), "--json")
+    assert code == 0, err
+    assert json.loads(out)["predicted_peak_bytes"] == predict_peak(plan_recipe(recipe), Budget())
