@@ -124,8 +124,16 @@ def main() -> None:
                 "--quiet",
             ]
         )
+        planned = subprocess.run(
+            [sys.executable, "-m", "mergecli", "plan", str(recipe), "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        predicted = json.loads(planned.stdout)["predicted_peak_bytes"]
         entry = {
             "method": method,
+            "predicted_rss": predicted,
             "floor_s": floor,
             "floor_rss": floor_rss,
             "mergecli_s": wall,
@@ -140,7 +148,8 @@ def main() -> None:
         target = TARGET.get(method, 3.0)
         rows.append(
             f"| {method} | {floor:.1f} | {wall:.1f} | {ratio:.2f}x (target <= {target}x: {'met' if ratio <= target else 'missed'}) "
-            f"| {rss / 1e9:.2f} GB ({'met' if rss <= 1.5e9 else 'missed'}) |"
+            f"| {rss / 1e9:.2f} GB ({'met' if rss <= 1.5e9 else 'missed'}) "
+            f"| {predicted / 1e9:.2f} GB ({(predicted - rss) / rss:+.0%}) |"
             + (
                 f" {entry['mergekit_s']:.1f} s, {entry['mergekit_s'] / wall:.1f}x |"
                 if mergekit
@@ -154,7 +163,8 @@ def main() -> None:
         json.dumps({"machine": machine, "results": results}, indent=2)
     )
     print(
-        "\n| recipe | I/O floor s | mergecli s | ratio | peak RSS | mergekit |\n|---|---|---|---|---|---|"
+        "\n| recipe | I/O floor s | mergecli s | ratio | peak RSS | predicted peak | mergekit |"
+        "\n|---|---|---|---|---|---|---|"
     )
     print("\n".join(rows))
 

@@ -56,7 +56,8 @@ MASKS_FILE = "masks.safetensors"
 BLOCK_ELEMENTS = 1 << 22
 PIPELINE_JOBS = 2
 PIPELINE_BYTES = 1 << 30
-RUNTIME_BYTES = 300 * 10**6  # interpreter, torch, plan: 0.27 GB measured before the first tensor
+RUNTIME_BYTES = 250 * 10**6  # interpreter, torch, plan: a run of the tiny family peaks at 0.25 GB
+COPY_OVERHEAD = 12  # bytes held per byte of a copied block (measured: passthrough, 0.5b)
 
 
 @dataclass(frozen=True)
@@ -130,10 +131,11 @@ def compute_tensor(
     clamp: bool = False,
     rows: tuple[int, int] | None = None,
     stats: BlockStats | None = None,
+    device: torch.device | None = None,
 ) -> Computed:
     """Read the inputs of one output tensor (or of its `rows` for element-wise methods),
     merge them in float32/64 and cast to its dtype; also return the method's per-task masks
-    when asked."""
+    when asked. With `device` the math runs there (inputs moved after reading)."""
     out_dtype = CODE_TO_TORCH[tensor.dtype]
     if tensor.vocab_names is not None:
         return _compute_vocab(plan, tensor, reader, clamp)
@@ -143,7 +145,7 @@ def compute_tensor(
     refs = [*tensor.inputs, *([tensor.base] if tensor.base else [])]
     codes = [plan.models[r.model].tensors[r.name].dtype for r in refs]
     work = math_dtype(tensor.dtype, codes)
-    loaded = [_load_checked(plan, r.model, r.name, reader, work, rows) for r in refs]
+    loaded = [_load_checked(plan, r.model, r.name, reader, work, rows, device) for r in refs]
     base = loaded.pop() if tensor.base else None
     offset = 0 if rows is None else rows[0] * tensor.row_numel
     args = MergeArgs(
@@ -162,7 +164,7 @@ def compute_tensor(
         result = base + tensor.post_scale * (result - base)
     masks = plan.method.masks(args) if with_masks and plan.method.masks and base is not None else []
     cast, clamped = _cast_checked(result, out_dtype, tensor.name, clamp)
-    return Computed(cast, masks, clamped)
+    return Computed(cast.cpu(), [m.cpu() for m in masks], clamped)
 
 
 def _work_dtype(plan: MergePlan, tensor: TensorPlan) -> torch.dtype:
@@ -297,8 +299,9 @@ def _load_checked(
     reader: TensorReader,
     work: torch.dtype,
     rows: tuple[int, int] | None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
-    tensor = reader.read(plan.models[model], name, rows).to(work)
+    tensor = reader.read(plan.models[model], name, rows).to(device).to(work)
     if not _finite_range(tensor)[0]:
         bad = int((~torch.isfinite(tensor)).sum())
         raise NumericsError(
@@ -361,13 +364,27 @@ class _Job:
     working_bytes: int = 0
 
 
+def resolve_device(name: str) -> torch.device:
+    """`cpu`, `cuda` (an error when torch sees no GPU) or `auto` (cuda when available)."""
+    available = torch.cuda.is_available()
+    if name == "auto":
+        return torch.device("cuda" if available else "cpu")
+    if name == "cuda" and not available:
+        raise UsageError(
+            "--device cuda: torch sees no CUDA GPU "
+            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'})",
+            hint="use --device cpu or auto, or install a CUDA build of torch",
+        )
+    return torch.device(name)
+
+
 def job_bytes(plan: MergePlan, tensor: TensorPlan, rows: tuple[int, int] | None) -> int:
     """Estimated peak memory of computing `tensor` (or its `rows`): the method's measured
-    float32 copies per input (`MethodSpec.peak_copies`), or read plus written bytes for a
-    copy."""
+    float32 copies per input (`MethodSpec.peak_copies`), or COPY_OVERHEAD times the bytes of
+    a copy."""
     numel = tensor.numel if rows is None else (rows[1] - rows[0]) * tensor.row_numel
     if tensor.copy:
-        return 2 * numel * ITEMSIZE[tensor.dtype]
+        return COPY_OVERHEAD * numel * ITEMSIZE[tensor.dtype]
     inputs = len(tensor.inputs) + (1 if tensor.base is not None else 0)
     if tensor.vocab_names is not None:
         inputs = len(tensor.vocab_names) + 2
@@ -473,6 +490,7 @@ def run_plan(
     verify: bool = False,
     block_elements: int | None = None,
     budget: Budget | None = None,
+    device: torch.device | None = None,
 ) -> RunResult:
     """Execute `plan` into `out` atomically and return what was written.
 
@@ -520,7 +538,7 @@ def run_plan(
     def compute(job: _Job) -> Computed:
         chosen = selections.get(job)
         return compute_tensor(
-            plan, job.tensor, reader, masks is not None, clamp_overflow, job.rows, chosen
+            plan, job.tensor, reader, masks is not None, clamp_overflow, job.rows, chosen, device
         )
 
     try:

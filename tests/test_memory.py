@@ -51,7 +51,7 @@ def test_max_memory_below_the_runtime_is_a_usage_error(
         runner, "run", str(recipe), "-o", str(tmp_path / "o"), "--max-memory", "100MB"
     )
     assert code == 2
-    assert "--max-memory 100000000 bytes is below the runtime's own 300 MB" in err
+    assert "--max-memory 100000000 bytes is below the runtime's own 250 MB" in err
     code, _, err = invoke(
         runner, "run", str(recipe), "-o", str(tmp_path / "o"), "--max-memory", "lots"
     )

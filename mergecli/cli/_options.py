@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -28,4 +29,18 @@ MaxMemoryOpt = Annotated[
 ThreadsOpt = Annotated[
     int | None,
     typer.Option("--threads", min=1, help="Tensors (or row blocks) computed at once; default 2."),
+]
+
+
+class Device(str, Enum):
+    """Where the math runs."""
+
+    cpu = "cpu"
+    cuda = "cuda"
+    auto = "auto"
+
+
+DeviceOpt = Annotated[
+    Device,
+    typer.Option("--device", help="Where the math runs: cpu, cuda, or auto (cuda when available)."),
 ]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
@@ -20,6 +21,8 @@ from mergecli.cli._common import plan_recipe, size_option
 from mergecli.cli._console import STDERR
 from mergecli.cli._errors import handle_errors
 from mergecli.cli._options import (
+    Device,
+    DeviceOpt,
     JsonOpt,
     MaxMemoryOpt,
     QuietOpt,
@@ -35,6 +38,7 @@ from mergecli.execute import (
     RunResult,
     budget_for,
     predict_peak,
+    resolve_device,
     run_plan,
 )
 from mergecli.plan import MergePlan, TensorPlan
@@ -59,6 +63,7 @@ def run(
     seed: SeedOpt = None,
     threads: ThreadsOpt = None,
     max_memory: MaxMemoryOpt = None,
+    device: DeviceOpt = Device.cpu,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Validate and plan, write nothing.")
     ] = False,
@@ -100,6 +105,7 @@ def run(
     started = time.monotonic()
     plan = plan_recipe(recipe, shard_size, seed)
     budget = _budget(plan, max_memory, threads)
+    where = resolve_device(device.value)
     if out.exists() and not out.is_dir():
         raise UsageError(f"-o {out} is a file", hint="give a folder path")
     if not quiet:
@@ -111,7 +117,7 @@ def run(
         return
     text = recipe.read_text(encoding="utf-8")
     show = not quiet and (progress or sys.stderr.isatty())
-    options = RunOptions(overwrite, reproducible, clamp_overflow, resume, verify, budget)
+    options = RunOptions(overwrite, reproducible, clamp_overflow, resume, verify, budget, where)
     result = _execute(plan, out, text, show, options)
     if result.reused_shards:
         STDERR.print(f"resumed: reused {result.reused_shards} of {len(plan.shard_names)} shards")
@@ -151,6 +157,7 @@ class RunOptions:
     resume: bool
     verify: bool
     budget: Budget
+    device: torch.device
 
 
 def _one_malloc_arena() -> None:

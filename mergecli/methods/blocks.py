@@ -88,7 +88,7 @@ def dare_drop(
     by 1/density."""
     if density >= 1:
         return delta
-    kept = delta * (draws.reshape(delta.shape) < density)
+    kept = delta * (draws.reshape(delta.shape).to(delta.device) < density)
     if not rescale:
         return kept
     if mode != "l1":
@@ -200,10 +200,10 @@ def magprune(
     m = rows.shape[-1]
     order = torch.argsort(rows.abs(), dim=-1, stable=True)
     ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(m).expand_as(order))
+    ranks.scatter_(-1, order, torch.arange(m, device=rows.device).expand_as(order))
     spread = ranks.to(rows.dtype) / (m - 1) if m > 1 else torch.zeros_like(rows)
     probs = (density - epsilon) + 2 * epsilon * spread
-    keep = draws.reshape(rows.shape) < probs
+    keep = draws.reshape(rows.shape).to(rows.device) < probs
     kept = rows * keep
     if rescale:
         kept = rescale_l1(rows, kept) if mode == "l1" else kept / probs

@@ -81,7 +81,7 @@ def _rank_normalise(scores: torch.Tensor) -> torch.Tensor:
     count = scores.shape[-1]
     order = torch.argsort(scores, dim=-1, stable=True)
     ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(count).expand_as(order))
+    ranks.scatter_(-1, order, torch.arange(count, device=order.device).expand_as(order))
     return ranks.to(scores.dtype) / max(count - 1, 1)
 
 

@@ -46,7 +46,7 @@ class Selector:
 
     def __init__(self, k: int, numel: int, blocks: int = 1) -> None:
         self.k, self.numel = k, numel
-        self.high = torch.zeros(HIGH_BUCKETS, dtype=torch.int64)
+        self.high: torch.Tensor | None = None
         # allocated up front: small tensors made between block temporaries pin the heap
         self.lows = torch.zeros(blocks, LOW_BUCKETS, dtype=torch.int32)
         self.seen = 0
@@ -58,9 +58,11 @@ class Selector:
         """Feed one block of non-negative float32 magnitudes."""
         bits = magnitude.reshape(-1).view(torch.int32)
         if pass_no == 0:
-            self.high += torch.bincount(bits >> 16, minlength=HIGH_BUCKETS)
+            counts = torch.bincount(bits >> 16, minlength=HIGH_BUCKETS)
+            self.high = counts if self.high is None else self.high.add_(counts)
             return
         if self.seen == 0:
+            assert self.high is not None, "pass 0 comes first"
             self.bucket, self.above = bucket_of(self.high, self.k)
         self.lows[self.seen] = _low_histogram(bits, self.bucket)
         self.seen += 1
@@ -108,6 +110,6 @@ def whole_selection(magnitude: torch.Tensor, k: int) -> Selection:
 def bucket_of(counts: torch.Tensor, k: int) -> tuple[int, int]:
     """(bucket holding the k-th largest entry, number of entries in higher buckets)."""
     from_top = counts.flip(0).cumsum(0)
-    position = int(torch.searchsorted(from_top, torch.tensor([k]))[0])
+    position = int(torch.searchsorted(from_top, torch.tensor([k], device=counts.device))[0])
     above = int(from_top[position - 1]) if position > 0 else 0
     return counts.numel() - 1 - position, above

@@ -94,7 +94,7 @@ def _dare_sums(args: MergeArgs) -> list[list[torch.Tensor]]:
             continue
         delta = tensor - args.base
         draws = uniform_draws(delta.numel(), args.offset, args.seed, args.name, i)
-        kept = delta * (draws.reshape(delta.shape) < density)
+        kept = delta * (draws.reshape(delta.shape).to(delta.device) < density)
         out.append([row_sums(delta.abs()), row_sums(kept.abs())])
     return out
 
@@ -240,6 +240,7 @@ SPECS = (
         (WEIGHT, LAMBDA, _normalize(False)),
         needs_base=True,
         paper=TA_PAPER,
+        peak_copies=3.4,
         elementwise=True,
     ),
     MethodSpec(
@@ -249,6 +250,7 @@ SPECS = (
         (WEIGHT, DENSITY, LAMBDA, _normalize(True), INT8_MASK),
         needs_base=True,
         paper=TIES_PAPER,
+        peak_copies=5.0,
         topk=_magnitude_counts,
     ),
     MethodSpec(
@@ -259,6 +261,7 @@ SPECS = (
         needs_base=True,
         random=True,
         paper=DARE_PAPER,
+        peak_copies=6.5,
         sums=_dare_sums,
     ),
     MethodSpec(
@@ -269,6 +272,7 @@ SPECS = (
         needs_base=True,
         random=True,
         paper=DARE_PAPER,
+        peak_copies=6.5,
         sums=_dare_sums,
     ),
     MethodSpec(
