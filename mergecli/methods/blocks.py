@@ -118,18 +118,18 @@ DRAW_CHUNK = 1 << 20
 
 
 def uniform_draws(count: int, offset: int, seed: int, name: str, model: int) -> torch.Tensor:
-    """Uniform [0, 1) float64 draws for the flat entries [offset, offset + count) of tensor
+    """Uniform [0, 1) float32 draws for the flat entries [offset, offset + count) of tensor
     `name`: every chunk of DRAW_CHUNK entries has its own generator (seed, name, model,
     chunk), so a block of rows gets the same draws as the whole tensor has there."""
     if count == 0:
-        return torch.empty(0, dtype=torch.float64)
+        return torch.empty(0, dtype=torch.float32)
     end = offset + count
     parts = []
     for chunk in range(offset // DRAW_CHUNK, (end - 1) // DRAW_CHUNK + 1):
         low = max(offset, chunk * DRAW_CHUNK) - chunk * DRAW_CHUNK
         high = min(end, (chunk + 1) * DRAW_CHUNK) - chunk * DRAW_CHUNK
         generator = generator_for(seed, f"{name}\0{chunk}", model)
-        parts.append(torch.rand(high, generator=generator, dtype=torch.float64)[low:])
+        parts.append(torch.rand(high, generator=generator, dtype=torch.float32)[low:])
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
