@@ -514,7 +514,7 @@ def run_plan(
     last = {t.shard: i for i, t in enumerate(plan.tensors)}
     recorded = {plan.shard_names[i]: digest for i, digest in finished.items()}
     reader = TensorReader()
-    selections = _StatsCache(plan, reader, block_elements)
+    block_stats = _StatsCache(plan, reader, block_elements)
     clamped: dict[str, int] = {}
 
     def store(job: _Job, done: Computed) -> None:
@@ -531,12 +531,12 @@ def run_plan(
             recorded[name] = progress_file.sha256_file(work / name)
             progress_file.record(work, print_, recorded)
         if job.final:
-            selections.drop(job.index)
+            block_stats.drop(job.index)
         if job.final and progress is not None:
             progress(tensor)
 
     def compute(job: _Job) -> Computed:
-        chosen = selections.get(job)
+        chosen = block_stats.get(job)
         return compute_tensor(
             plan, job.tensor, reader, masks is not None, clamp_overflow, job.rows, chosen, device
         )
