@@ -33,7 +33,7 @@ from mergecli.io.source import LocalSource
 from mergecli.io.writer import ShardWriter
 from mergecli.methods.selection import Selection, Selector
 from mergecli.methods.spec import MergeArgs
-from mergecli.plan import MergePlan, TensorPlan
+from mergecli.plan import InputRef, MergePlan, TensorPlan
 from mergecli.plan_vocab import source_model
 from mergecli.reindex import merge_rows
 from mergecli.vocab import union_document
@@ -142,10 +142,10 @@ def compute_tensor(
     if tensor.copy:
         ref = tensor.inputs[0]
         return Computed(reader.read(plan.models[ref.model], ref.name, rows).to(out_dtype), [])
-    refs = [*tensor.inputs, *([tensor.base] if tensor.base else [])]
-    codes = [plan.models[r.model].tensors[r.name].dtype for r in refs]
-    work = math_dtype(tensor.dtype, codes)
-    loaded = [_load_checked(plan, r.model, r.name, reader, work, rows, device) for r in refs]
+    work = _work_dtype(plan, tensor)
+    loaded = [
+        _load_checked(plan, r.model, r.name, reader, work, rows, device) for r in _refs(tensor)
+    ]
     base = loaded.pop() if tensor.base else None
     offset = 0 if rows is None else rows[0] * tensor.row_numel
     args = MergeArgs(
@@ -167,9 +167,14 @@ def compute_tensor(
     return Computed(cast.cpu(), [m.cpu() for m in masks], clamped)
 
 
+def _refs(tensor: TensorPlan) -> list[InputRef]:
+    """The tensor's inputs, then its base when it has one."""
+    return [*tensor.inputs, *([tensor.base] if tensor.base else [])]
+
+
 def _work_dtype(plan: MergePlan, tensor: TensorPlan) -> torch.dtype:
-    refs = [*tensor.inputs, *([tensor.base] if tensor.base else [])]
-    return math_dtype(tensor.dtype, [plan.models[r.model].tensors[r.name].dtype for r in refs])
+    codes = [plan.models[r.model].tensors[r.name].dtype for r in _refs(tensor)]
+    return math_dtype(tensor.dtype, codes)
 
 
 def block_selections(
@@ -212,9 +217,9 @@ def block_sums(
     time: per-row partial sums of every block, added exactly at the end."""
     assert plan.method.sums is not None
     parts: list[list[list[list[float]]]] = []
+    refs, work = _refs(tensor), _work_dtype(plan, tensor)
     for rows in blocks:
-        refs = [*tensor.inputs, *([tensor.base] if tensor.base else [])]
-        loaded = [reader.read(plan.models[r.model], r.name, rows).to(torch.float32) for r in refs]
+        loaded = [reader.read(plan.models[r.model], r.name, rows).to(work) for r in refs]
         base = loaded.pop() if tensor.base else None
         offset = 0 if rows is None else rows[0] * tensor.row_numel
         args = MergeArgs(
@@ -430,15 +435,19 @@ def budget_for(plan: MergePlan, max_memory: int | None, workers: int = PIPELINE_
     return Budget(workers, max(1, min(BLOCK_ELEMENTS, block)), room)
 
 
+def _admits(budget: Budget, pending: int, in_flight: int, job: int) -> bool:
+    """Whether the pipeline starts a job of `job` bytes now (else it first stores the
+    oldest pending one); with nothing pending it always does."""
+    return pending == 0 or (pending < budget.workers and in_flight + job <= budget.job_bytes)
+
+
 def predict_peak(plan: MergePlan, budget: Budget) -> int:
     """Peak resident memory the run should reach: the runtime plus the largest set of jobs
     the pipeline admits at once (it admits like `_pipeline`)."""
     pending: deque[int] = deque()
     in_flight = peak = 0
     for job in plan_jobs(plan, frozenset(), budget.block_elements):
-        while pending and (
-            len(pending) >= budget.workers or in_flight + job.working_bytes > budget.job_bytes
-        ):
+        while not _admits(budget, len(pending), in_flight, job.working_bytes):
             in_flight -= pending.popleft()
         pending.append(job.working_bytes)
         in_flight += job.working_bytes
@@ -460,10 +469,7 @@ def _pipeline(
     with ThreadPoolExecutor(max_workers=budget.workers) as pool:
         try:
             for job in jobs:
-                while pending and (
-                    len(pending) >= budget.workers
-                    or in_flight + job.working_bytes > budget.job_bytes
-                ):
+                while not _admits(budget, len(pending), in_flight, job.working_bytes):
                     done_job, future = pending.popleft()
                     store(done_job, future.result())
                     in_flight -= done_job.working_bytes
