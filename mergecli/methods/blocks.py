@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mergecli.methods.selection import select_mask, whole_selection
+from mergecli.methods.selection import Selection, select_mask, whole_selection
 
 
 def keep_count(numel: int, density: float) -> int:
@@ -63,38 +63,42 @@ def magnitude_sparsify(delta: torch.Tensor, density: float) -> torch.Tensor:
     magnitude, k = delta.abs(), keep_count(delta.numel(), density)
     if magnitude.dtype != torch.float32 or k in (0, delta.numel()):
         return delta * top_k_mask(magnitude, k)
-    selection = whole_selection(magnitude, k)
-    if selection.threshold == 0.0:
+    return keep_selected(delta, whole_selection(magnitude, k))
+
+
+def keep_selected(delta: torch.Tensor, selection: Selection) -> torch.Tensor:
+    """`delta` with the entries `selection` does not keep zeroed (of its magnitudes)."""
+    if selection.keep == "some" and selection.threshold == 0.0:
         return delta  # entries at a zero threshold are zero: the mask changes nothing
-    return delta * select_mask(magnitude, selection)
+    return delta * select_mask(delta.abs(), selection)
 
 
-def rescale_l1(original: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """Scale `kept` so its L1 norm equals `original`'s (unchanged when either is ~0)."""
-    before, after = dare_norms(original, kept)
-    return kept * (before / after) if before >= 1e-8 and after >= 1e-8 else kept
+def rescale_l1(
+    original: torch.Tensor, kept: torch.Tensor, norms: tuple[float, float] | None = None
+) -> torch.Tensor:
+    """Scale `kept` in place so its L1 norm equals `original`'s (unchanged when either is
+    ~0); `norms` = (|original|_1, |kept|_1) over the whole tensor when these are a block."""
+    before, after = norms if norms is not None else dare_norms(original, kept)
+    return kept.mul_(before / after) if before >= 1e-8 and after >= 1e-8 else kept
+
+
+def dare_keep(delta: torch.Tensor, density: float, draws: torch.Tensor) -> torch.Tensor:
+    """`delta` with the entries whose uniform draw is >= `density` zeroed."""
+    return delta * (draws.reshape(delta.shape).to(delta.device) < density)
 
 
 def dare_drop(
     delta: torch.Tensor,
+    kept: torch.Tensor,
     density: float,
-    draws: torch.Tensor,
     rescale: bool,
     mode: str,
     norms: tuple[float, float] | None = None,
 ) -> torch.Tensor:
-    """DARE: keep each entry whose uniform draw is < `density`; rescale by L1 norm (with
-    `norms` = (|delta|_1, |kept|_1) over the whole tensor when `delta` is a block of it) or
-    by 1/density."""
-    if density >= 1:
-        return delta
-    kept = delta * (draws.reshape(delta.shape).to(delta.device) < density)
+    """DARE: `kept` (from `dare_keep`, scaled in place) rescaled by L1 norm or by 1/density."""
     if not rescale:
         return kept
-    if mode != "l1":
-        return kept.div_(density)
-    before, after = norms if norms is not None else dare_norms(delta, kept)
-    return kept.mul_(before / after) if before >= 1e-8 and after >= 1e-8 else kept
+    return rescale_l1(delta, kept, norms) if mode == "l1" else kept.div_(density)
 
 
 def dare_norms(delta: torch.Tensor, kept: torch.Tensor) -> tuple[float, float]:

@@ -6,7 +6,7 @@ or TIES sign election with a disjoint merge); result B + lambda * m.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -15,9 +15,11 @@ from mergecli.methods.blocks import (
     breadcrumbs_counts,
     breadcrumbs_mask,
     dare_drop,
+    dare_keep,
     disjoint_merge,
     elect_sign,
     keep_count,
+    keep_selected,
     magnitude_sparsify,
     magprune,
     row_sums,
@@ -30,9 +32,10 @@ from mergecli.methods.spec import MergeArgs, MethodSpec, ParamSpec
 Sparsify = Callable[[MergeArgs, int, torch.Tensor], torch.Tensor]
 
 
-def _deltas(args: MergeArgs) -> list[torch.Tensor]:
+def _deltas(args: MergeArgs) -> Iterator[torch.Tensor]:
+    """Each task vector W_i - B, made when asked (one at a time if consumed one at a time)."""
     assert args.base is not None, "task-vector methods need a base"
-    return [t - args.base for t in args.tensors]
+    return (t - args.base for t in args.tensors)
 
 
 def _combine(args: MergeArgs, deltas: list[torch.Tensor], elect: bool) -> torch.Tensor:
@@ -59,11 +62,7 @@ def _magnitude(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
     if args.selections is None:
         return magnitude_sparsify(delta, float(args.per_model[i]["density"]))
     chosen = args.selections[i]
-    if not chosen:
-        return delta
-    if chosen[0].threshold == 0.0 and chosen[0].keep == "some":
-        return delta  # entries at a zero threshold are zero: the mask changes nothing
-    return delta.mul_(select_mask(delta.abs(), chosen[0]))
+    return keep_selected(delta, chosen[0]) if chosen else delta
 
 
 def _magnitude_counts(params: Mapping[str, Any], model: Mapping[str, Any], numel: int) -> list[int]:
@@ -75,10 +74,15 @@ def _dare(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
     density = float(args.per_model[i]["density"])
     if density >= 1:
         return delta
-    draws = uniform_draws(delta.numel(), args.offset, args.seed, args.name, i)
     norms = (args.sums[i][0], args.sums[i][1]) if args.sums and args.sums[i] else None
     rescale, mode = bool(args.params["rescale"]), str(args.params["rescale_mode"])
-    return dare_drop(delta, density, draws, rescale, mode, norms)
+    return dare_drop(delta, _dare_kept(args, i, delta), density, rescale, mode, norms)
+
+
+def _dare_kept(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
+    """Model i's task vector (or block of it) with DARE's random drop applied."""
+    draws = uniform_draws(delta.numel(), args.offset, args.seed, args.name, i)
+    return dare_keep(delta, float(args.per_model[i]["density"]), draws)
 
 
 def _dare_sums(args: MergeArgs) -> list[list[torch.Tensor]]:
@@ -93,9 +97,7 @@ def _dare_sums(args: MergeArgs) -> list[list[torch.Tensor]]:
             out.append([])
             continue
         delta = tensor - args.base
-        draws = uniform_draws(delta.numel(), args.offset, args.seed, args.name, i)
-        kept = delta * (draws.reshape(delta.shape).to(delta.device) < density)
-        out.append([row_sums(delta.abs()), row_sums(kept.abs())])
+        out.append([row_sums(delta.abs()), row_sums(_dare_kept(args, i, delta).abs())])
     return out
 
 
@@ -123,8 +125,7 @@ def _della(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
 
 def _method(sparsify: Sparsify, elect: bool) -> Callable[[MergeArgs], torch.Tensor]:
     def merge(args: MergeArgs) -> torch.Tensor:
-        assert args.base is not None, "task-vector methods need a base"
-        deltas = [sparsify(args, i, t - args.base) for i, t in enumerate(args.tensors)]
+        deltas = [sparsify(args, i, d) for i, d in enumerate(_deltas(args))]
         return _combine(args, deltas, elect)
 
     return merge
@@ -144,7 +145,7 @@ def sce(args: MergeArgs) -> torch.Tensor:
     """SCE: select positions of highest variance across models, weight each task vector by
     its share of mean squared magnitude, keep entries agreeing with the elected sign."""
     assert args.base is not None
-    stacked = torch.stack(_deltas(args))
+    stacked = torch.stack(list(_deltas(args)))
     fraction = float(args.params["select_topk"])
     if fraction < 1:
         variance = stacked.var(dim=0, unbiased=False)
