@@ -375,13 +375,15 @@ class _Builder:
 
     def build(self) -> list[TensorPlan]:
         groups = self.groups()
-        used = {s.model for g in groups for s in g.sources}
-        used |= {g.base for g in groups if g.base is not None}
-        self.tying = find_tying(self.models, sorted(used))
-        self._plan_vocab(sorted(used))
+        used = sorted(
+            {s.model for g in groups for s in g.sources}
+            | {g.base for g in groups if g.base is not None}
+        )
+        self.tying = find_tying(self.models, used)
+        self._plan_vocab(used)
         if self.recipe.chat_template is not None:
             text, problem = resolve_template(
-                self.recipe.chat_template, self.refs, self.models, sorted(used)
+                self.recipe.chat_template, self.refs, self.models, used
             )
             self.chat_template = text
             self.problems += [problem] if problem else []
@@ -429,7 +431,7 @@ class _Builder:
         if self.vocab is None or split_layer(name) is not None:
             return False
         template = self.models[self.template]
-        embedding = word_embedding(template)
+        embedding = self.tying.embeddings.get(self.template)
         if name == embedding or name in self.tying.heads:
             return True
         info = template.tensors.get(name)

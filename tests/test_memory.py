@@ -77,3 +77,30 @@ def test_plan_json_shows_the_predicted_peak(
     code, out, err = invoke(runner, "plan", str(recipe), "--json")
     assert code == 0, err
     assert json.loads(out)["predicted_peak_bytes"] == predict_peak(plan_recipe(recipe), Budget())
+
+
+def test_a_budget_that_cannot_be_met_is_warned_about(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
+    limit = str(RUNTIME_BYTES + 1000)
+    code, _, err = invoke(
+        runner,
+        "run",
+        str(ties_recipe(family, tmp_path)),
+        "-o",
+        str(tmp_path / "t"),
+        "--max-memory",
+        limit,
+    )
+    assert code == 0, err
+    assert "is above --max-memory 250.00 MB: rows of some tensors are too big for it" in err
+    della = write(
+        tmp_path / "d.yaml",
+        f"merge_method: della\nbase_model: {family['base']}\nmodels:\n"
+        f"  - model: {family['a']}\n    parameters: {{weight: 1.0, density: 0.5}}\n",
+    )
+    code, _, err = invoke(
+        runner, "run", str(della), "-o", str(tmp_path / "d"), "--max-memory", limit
+    )
+    assert code == 0, err
+    assert "`della` needs some tensors whole (it does not run in row blocks)" in err

@@ -20,10 +20,7 @@ def size_option(text: str, option: str) -> int:
 
 def shard_bytes(text: str) -> int:
     """Parse `--shard-size`, as a usage error when it is malformed."""
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise UsageError(f"--shard-size: {exc}") from None
+    return size_option(text, "--shard-size")
 
 
 def plan_recipe(path: Path, shard_size: str = "5GB", seed: int | None = None) -> MergePlan:

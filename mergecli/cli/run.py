@@ -178,11 +178,16 @@ def _budget(plan: MergePlan, max_memory: str | None, threads: int | None) -> Bud
     """Run settings from --max-memory and --threads; warn when the budget cannot be met."""
     limit = None if max_memory is None else size_option(max_memory, "--max-memory")
     budget = budget_for(plan, limit, threads or PIPELINE_JOBS)
-    if limit is not None and predict_peak(plan, budget) > limit:
+    peak = predict_peak(plan, budget) if limit is not None else 0
+    if limit is not None and peak > limit:
+        why = (
+            "rows of some tensors are too big for it"
+            if plan.method.blockwise
+            else f"`{plan.method.name}` needs some tensors whole (it does not run in row blocks)"
+        )
         STDERR.print(
-            f"warning: predicted peak {format_size(predict_peak(plan, budget))} is above "
-            f"--max-memory {format_size(limit)}: `{plan.method.name}` needs whole tensors "
-            "for some tensors (only element-wise and top-k methods run in row blocks)",
+            f"warning: predicted peak {format_size(peak)} is above --max-memory "
+            f"{format_size(limit)}: {why}",
             markup=False,
         )
     return budget
