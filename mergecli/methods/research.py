@@ -10,6 +10,7 @@ import torch
 
 from mergecli.methods.blocks import keep_count, top_k_mask
 from mergecli.methods.spec import MergeArgs, MethodSpec, ParamSpec
+from mergecli.methods.task_vectors import LAMBDA
 
 
 def consensus(args: MergeArgs) -> torch.Tensor:
@@ -191,7 +192,7 @@ SPECS = (
                 maximum=1.0,
                 exclusive_minimum=True,
             ),
-            ParamSpec("lambda", "float", "global", "scale of the merged task vector", default=1.0),
+            LAMBDA,
         ),
         needs_base=True,
         paper="https://arxiv.org/abs/2412.00081",
@@ -211,7 +212,7 @@ SPECS = (
                 maximum=1.0,
                 exclusive_minimum=True,
             ),
-            ParamSpec("lambda", "float", "global", "scale of the merged task vector", default=1.0),
+            LAMBDA,
         ),
         needs_base=True,
         paper="https://arxiv.org/abs/2410.02396",
