@@ -160,18 +160,30 @@ class RunOptions:
     device: torch.device
 
 
-def _one_malloc_arena() -> None:
-    """glibc gives each worker thread its own heap ("arena"); memory freed in one is not
-    reused by another, which with big short-lived blocks raised peak RSS by about 1.6x
-    (benchmarks/RESULTS.md). One arena for this process; a no-op off glibc."""
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc malloc.h
+
+
+def _tune_malloc() -> None:
+    """glibc settings for big short-lived blocks (benchmarks/RESULTS.md): one heap
+    ("arena") for all threads, since memory freed in one arena is not reused by another
+    (with one per worker thread peak RSS was about 1.6x); blocks up to 256 MB from the heap
+    rather than fresh mmaps, and freed memory kept for reuse up to 1 GB, since every
+    fresh page of a fresh mmap is a page fault (a third of the CPU time went to the kernel).
+    A no-op off glibc."""
     if not sys.platform.startswith("linux"):
         return
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(-8, 1)  # M_ARENA_MAX
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return
+    for option, value in (
+        (M_ARENA_MAX, 1),
+        (M_MMAP_THRESHOLD, 256 << 20),
+        (M_TRIM_THRESHOLD, 1 << 30),
+    ):
+        mallopt(option, value)
 
 
 def _budget(plan: MergePlan, max_memory: str | None, threads: int | None) -> Budget:
@@ -194,7 +206,7 @@ def _budget(plan: MergePlan, max_memory: str | None, threads: int | None) -> Bud
 
 
 def _execute(plan: MergePlan, out: Path, text: str, show: bool, options: RunOptions) -> RunResult:
-    _one_malloc_arena()
+    _tune_malloc()
     kwargs = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
     if not show:
         return run_plan(plan, out, text, **kwargs)

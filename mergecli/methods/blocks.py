@@ -13,6 +13,7 @@ import hashlib
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from mergecli.methods.selection import Selection, select_mask, whole_selection
@@ -82,9 +83,24 @@ def rescale_l1(
     return kept.mul_(before / after) if before >= 1e-8 and after >= 1e-8 else kept
 
 
-def dare_keep(delta: torch.Tensor, density: float, draws: torch.Tensor) -> torch.Tensor:
-    """`delta` with the entries whose uniform draw is >= `density` zeroed."""
-    return delta * (draws.reshape(delta.shape).to(delta.device) < density)
+def dare_mask(draws: torch.Tensor, density: float) -> torch.Tensor:
+    """DARE's keep mask: entries whose uniform draw is < `density`."""
+    return draws < density
+
+
+def dare_keep(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`delta` with the entries outside `mask` zeroed."""
+    return delta * mask.reshape(delta.shape).to(delta.device)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask as flat packed bits (numpy.packbits order), 1/8 of its bytes."""
+    return torch.from_numpy(np.packbits(mask.reshape(-1).cpu().numpy()))
+
+
+def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """The flat bool mask of `numel` entries that `pack_bits` packed."""
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=numel)).view(torch.bool)
 
 
 def dare_drop(
@@ -166,22 +182,34 @@ def disjoint_merge(
     sign is that of sum_i w_i d_i (+ where >= 0); entries of w_i d_i agreeing with it are
     summed, and divided by the sum of their weights if `normalize`. Entries that are exactly
     zero agree with no sign and count in neither sum."""
+    sign = _elected_sign(deltas, weights)
+    merged = torch.zeros_like(deltas[0])
+    divisor = torch.zeros_like(deltas[0]) if normalize else None
+    signed_weight, agreeing = torch.empty_like(sign), torch.empty_like(sign)
+    for weight, delta in zip(weights, deltas):
+        # s * (w d) is |w d| where w d agrees with s, <= 0 elsewhere: clamped, it is the
+        # agreeing magnitude, summed exactly as the signed values would be
+        torch.mul(sign, weight, out=signed_weight)
+        torch.mul(delta, signed_weight, out=agreeing).clamp_(min=0)
+        merged.add_(agreeing)
+        if divisor is not None:
+            divisor.add_(agreeing.sign_(), alpha=weight)
+    merged.mul_(sign)
+    if divisor is None:
+        return merged
+    if all(w > 0 for w in weights):
+        # sums of positive weights are 0 or >= the smallest: only the zeros change
+        return merged.div_(divisor.clamp_(min=min(weights)))
+    return merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
+
+
+def _elected_sign(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """+1.0 where sum_i w_i d_i >= 0, else -1.0. The sum starts at +0.0 and adding finite
+    values never gives -0.0, so copysign sees no negative zero."""
     total = torch.zeros_like(deltas[0])
     for weight, delta in zip(weights, deltas):
         total.add_(delta, alpha=weight)
-    positive = total >= 0
-    del total
-    merged = torch.zeros_like(deltas[0])
-    divisor = torch.zeros_like(deltas[0]) if normalize else None
-    for weight, delta in zip(weights, deltas):
-        weighted = delta * weight
-        agree = torch.where(positive, weighted > 0, weighted < 0)
-        merged.add_(weighted.mul_(agree))
-        if divisor is not None:
-            divisor.add_(agree, alpha=weight)
-    if divisor is None:
-        return merged
-    return merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
+    return torch.copysign(torch.ones((), dtype=total.dtype, device=total.device), total)
 
 
 def generator_for(seed: int, tensor_name: str, model_index: int = 0) -> torch.Generator:

@@ -7,7 +7,7 @@ import math
 import torch
 
 from mergecli.methods.blocks import exact_quantile, exact_total, row_sums
-from mergecli.methods.spec import MergeArgs, MethodSpec, ParamSpec
+from mergecli.methods.spec import BlockSums, MergeArgs, MethodSpec, ParamSpec
 
 PARALLEL = 0.9995
 
@@ -20,7 +20,7 @@ def slerp(args: MergeArgs) -> torch.Tensor:
     """
     assert args.base is not None
     a, c, t = args.base, args.tensors[0], float(args.params["t"])
-    sums = args.sums[0] if args.sums else [exact_total([s]) for s in _slerp_sums(args)[0]]
+    sums = args.sums[0] if args.sums else [exact_total([s]) for s in _slerp_sums(args).sums[0]]
     norm_a, norm_c = math.sqrt(sums[0]), math.sqrt(sums[1])
     if norm_a == 0 or norm_c == 0:
         return (1 - t) * a + t * c
@@ -32,11 +32,11 @@ def slerp(args: MergeArgs) -> torch.Tensor:
     return (math.sin((1 - t) * theta) / sin_theta) * a + (math.sin(t * theta) / sin_theta) * c
 
 
-def _slerp_sums(args: MergeArgs) -> list[list[torch.Tensor]]:
+def _slerp_sums(args: MergeArgs) -> BlockSums:
     """Per-row sums (accumulated in float64) of A*A, C*C and A*C: norms and dot product."""
     assert args.base is not None
     a, c = args.base, args.tensors[0]
-    return [[row_sums(a * a), row_sums(c * c), row_sums(a * c)]]
+    return BlockSums([[row_sums(a * a), row_sums(c * c), row_sums(a * c)]])
 
 
 def nearswap(args: MergeArgs) -> torch.Tensor:

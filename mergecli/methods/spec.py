@@ -78,7 +78,9 @@ class MergeArgs:
     tensors are a block of rows of a top-k method, `selections[i]` holds model i's top-k
     selections for this block, one per count of `MethodSpec.topk`, found over the whole
     tensor. `offset` is the flat index of the block's first entry (random draws depend on
-    it) and `sums[i]` model i's sums over the whole tensor from `MethodSpec.sums`.
+    it) and `sums[i]` model i's sums over the whole tensor from `MethodSpec.sums`;
+    `kept[i]`, when given, model i's packed keep bits for this block from the same pass
+    (DARE's random drop, drawn once).
     """
 
     tensors: Sequence[torch.Tensor]
@@ -90,6 +92,17 @@ class MergeArgs:
     selections: Sequence[Sequence[Selection]] | None = None
     offset: int = 0
     sums: Sequence[Sequence[float]] | None = None
+    kept: Sequence[torch.Tensor | None] | None = None
+
+
+@dataclass(frozen=True)
+class BlockSums:
+    """What a method's statistics pass takes from one block: per model, per-row partial
+    sums of each quantity it needs over the whole tensor; per model, the packed keep bits
+    the merge of the same block reuses (or nothing)."""
+
+    sums: list[list[torch.Tensor]]
+    kept: list[torch.Tensor | None] = field(default_factory=list)
 
 
 MethodFn = Callable[[MergeArgs], torch.Tensor]
@@ -120,7 +133,7 @@ class MethodSpec:
     masks: Callable[[MergeArgs], list[torch.Tensor]] | None = None
     elementwise: bool = False
     topk: TopK | None = None
-    sums: Callable[[MergeArgs], list[list[torch.Tensor]]] | None = None
+    sums: Callable[[MergeArgs], BlockSums] | None = None
     peak_copies: float = 5.0  # float32 copies per input at peak; measured per method in
     # benchmarks/RESULTS.md (linear 3.3, task arithmetic 3.4, TIES 5, DARE 6.5, slerp 6.4)
 

@@ -16,18 +16,21 @@ from mergecli.methods.blocks import (
     breadcrumbs_mask,
     dare_drop,
     dare_keep,
+    dare_mask,
     disjoint_merge,
     elect_sign,
     keep_count,
     keep_selected,
     magnitude_sparsify,
     magprune,
+    pack_bits,
     row_sums,
     top_k_mask,
     uniform_draws,
+    unpack_bits,
 )
 from mergecli.methods.selection import select_mask
-from mergecli.methods.spec import MergeArgs, MethodSpec, ParamSpec
+from mergecli.methods.spec import BlockSums, MergeArgs, MethodSpec, ParamSpec
 
 Sparsify = Callable[[MergeArgs, int, torch.Tensor], torch.Tensor]
 
@@ -80,25 +83,36 @@ def _dare(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
 
 
 def _dare_kept(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
-    """Model i's task vector (or block of it) with DARE's random drop applied."""
-    draws = uniform_draws(delta.numel(), args.offset, args.seed, args.name, i)
-    return dare_keep(delta, float(args.per_model[i]["density"]), draws)
+    """Model i's task vector (or block of it) with DARE's random drop applied (the keep
+    bits of the statistics pass when it drew them)."""
+    packed = args.kept[i] if args.kept else None
+    if packed is not None:
+        return dare_keep(delta, unpack_bits(packed, delta.numel()))
+    return dare_keep(delta, _dare_mask(args, i, delta.numel()))
 
 
-def _dare_sums(args: MergeArgs) -> list[list[torch.Tensor]]:
+def _dare_mask(args: MergeArgs, i: int, numel: int) -> torch.Tensor:
+    draws = uniform_draws(numel, args.offset, args.seed, args.name, i)
+    return dare_mask(draws, float(args.per_model[i]["density"]))
+
+
+def _dare_sums(args: MergeArgs) -> BlockSums:
     """Per model, per-row L1 norms of its task vector and of the kept entries in this block
-    (what the L1 rescale needs over the whole tensor)."""
+    (what the L1 rescale needs over the whole tensor), and the keep bits, drawn once."""
     assert args.base is not None
-    out: list[list[torch.Tensor]] = []
+    sums: list[list[torch.Tensor]] = []
+    kept: list[torch.Tensor | None] = []
+    l1 = bool(args.params["rescale"]) and args.params["rescale_mode"] == "l1"
     for i, tensor in enumerate(args.tensors):
-        density = float(args.per_model[i]["density"])
-        l1 = bool(args.params["rescale"]) and args.params["rescale_mode"] == "l1"
-        if density >= 1 or not l1:
-            out.append([])
+        if float(args.per_model[i]["density"]) >= 1 or not l1:
+            sums.append([])
+            kept.append(None)
             continue
         delta = tensor - args.base
-        out.append([row_sums(delta.abs()), row_sums(_dare_kept(args, i, delta).abs())])
-    return out
+        mask = _dare_mask(args, i, delta.numel())
+        sums.append([row_sums(delta.abs_()), row_sums(dare_keep(delta, mask))])
+        kept.append(pack_bits(mask))
+    return BlockSums(sums, kept)
 
 
 def _breadcrumbs(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
