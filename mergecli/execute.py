@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -178,14 +179,25 @@ def _work_dtype(plan: MergePlan, tensor: TensorPlan) -> torch.dtype:
     return math_dtype(tensor.dtype, codes)
 
 
+BlockMap = Callable[
+    [Callable[[tuple[int, int] | None], Any], Sequence[tuple[int, int] | None]], Any
+]
+
+
+def _serial(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    return [fn(item) for item in items]
+
+
 def block_selections(
     plan: MergePlan,
     tensor: TensorPlan,
     reader: TensorReader,
     blocks: Sequence[tuple[int, int] | None],
+    map_blocks: BlockMap = _serial,
 ) -> dict[tuple[int, int] | None, list[list[Selection]]]:
     """Each block's top-k selections for a top-k method, found in two passes over the
-    blocks (inputs are read block by block; no whole tensor is held)."""
+    blocks (inputs are read block by block; no whole tensor is held). `map_blocks` may
+    count blocks on several threads; results are added in block order."""
     assert plan.method.topk is not None and tensor.base is not None
     counts = [plan.method.topk(tensor.params, p, tensor.numel) for p in tensor.per_model]
     selectors = [[Selector(k, tensor.numel, len(blocks)) for k in c] for c in counts]
@@ -194,14 +206,26 @@ def block_selections(
     def read(model: int, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
         return reader.read(plan.models[model], name, rows).to(torch.float32)
 
+    def count(pass_no: int, rows: tuple[int, int] | None) -> list[list[torch.Tensor]]:
+        base = read(base_ref.model, base_ref.name, rows)
+        found = []
+        for ref, chosen in zip(tensor.inputs, selectors):
+            wanted = [s for s in chosen if pass_no == 0 or s.second_pass()]
+            if wanted:
+                magnitude = read(ref.model, ref.name, rows).sub_(base).abs_()
+                found.append([selector.count(pass_no, magnitude) for selector in wanted])
+            else:
+                found.append([])
+        return found
+
     for pass_no in (0, 1):
-        for rows in blocks:
-            base = read(base_ref.model, base_ref.name, rows)
-            for ref, chosen in zip(tensor.inputs, selectors):
-                if chosen:
-                    magnitude = read(ref.model, ref.name, rows).sub_(base).abs_()
-                    for selector in chosen:
-                        selector.observe(pass_no, magnitude)
+        if pass_no == 1 and not any(s.second_pass() for c in selectors for s in c):
+            break
+        for j, found in enumerate(map_blocks(partial(count, pass_no), blocks)):
+            for chosen, histograms in zip(selectors, found):
+                wanted = [s for s in chosen if pass_no == 0 or s.second_pass()]
+                for selector, histogram in zip(wanted, histograms):
+                    selector.add(pass_no, j, histogram)
     return {
         rows: [[s.selection(j) for s in chosen] for chosen in selectors]
         for j, rows in enumerate(blocks)
@@ -213,54 +237,54 @@ def block_sums(
     tensor: TensorPlan,
     reader: TensorReader,
     blocks: Sequence[tuple[int, int] | None],
+    map_blocks: BlockMap = _serial,
 ) -> tuple[list[list[float]], list[list[torch.Tensor | None]]]:
     """A method's per-model sums (`MethodSpec.sums`) over the whole tensor, one block at a
     time: per-row partial sums of every block, added exactly at the end; and each block's
     keep bits per model (`BlockSums.kept`)."""
     assert plan.method.sums is not None
-    parts: list[list[list[list[float]]]] = []
-    kept: list[list[torch.Tensor | None]] = []
+    sums_of = plan.method.sums
     refs, work = _refs(tensor), _work_dtype(plan, tensor)
     bits = _BitStore(tensor, blocks)
-    for rows in blocks:
+    index = {rows: j for j, rows in enumerate(blocks)}
+
+    def one(rows: tuple[int, int] | None) -> tuple[list[list[list[float]]], list[Any]]:
         loaded = [reader.read(plan.models[r.model], r.name, rows).to(work) for r in refs]
         base = loaded.pop() if tensor.base else None
         offset = 0 if rows is None else rows[0] * tensor.row_numel
         args = MergeArgs(
             loaded, base, tensor.params, tensor.per_model, tensor.name, plan.seed, None, offset
         )
-        found = plan.method.sums(args)
+        found = sums_of(args)
         # plain floats at once: a small tensor left above the freed block temporaries
         # would pin them in the heap (RSS grew by a block per block)
-        parts.append([[r.tolist() for r in quantities] for quantities in found.sums])
-        kept.append(
-            [None if k is None else bits.keep(m, len(kept), k) for m, k in enumerate(found.kept)]
-        )
-        del loaded, base, args, found
+        kept = [
+            None if k is None else bits.keep(m, index[rows], k) for m, k in enumerate(found.kept)
+        ]
+        return [[r.tolist() for r in quantities] for quantities in found.sums], kept
+
+    parts, kept = zip(*map_blocks(one, blocks)) if blocks else ((), ())
     models = len(parts[0]) if parts else 0
     totals = [
         [math.fsum(x for p in parts for x in p[m][q]) for q in range(len(parts[0][m]))]
         for m in range(models)
     ]
-    return totals, kept
+    return totals, list(kept)
 
 
 class _BitStore:
     """Keep bits of every block of a tensor in one allocation per model, made before the
     blocks' temporaries: small buffers left among freed temporaries pin them in the heap
-    (a DARE run peaked at 2.8 GB instead of 1.2 GB)."""
+    (a DARE run peaked at 2.8 GB instead of 1.2 GB). Pages never written cost nothing."""
 
     def __init__(self, tensor: TensorPlan, blocks: Sequence[tuple[int, int] | None]) -> None:
         sizes = [(tensor.numel if r is None else (r[1] - r[0]) * tensor.row_numel) for r in blocks]
         packed = [(n + 7) // 8 for n in sizes]
         self.starts = [sum(packed[:j]) for j in range(len(packed))]
-        self.total = sum(packed)
-        self.models: dict[int, torch.Tensor] = {}
+        self.models = [torch.empty(sum(packed), dtype=torch.uint8) for _ in tensor.inputs]
 
     def keep(self, model: int, block: int, packed: torch.Tensor) -> torch.Tensor:
         """Copy block `block`'s packed bits of `model` into the store; return that slice."""
-        if model not in self.models:
-            self.models[model] = torch.empty(self.total, dtype=torch.uint8)
         start = self.starts[block]
         return self.models[model][start : start + packed.numel()].copy_(packed)
 
@@ -276,12 +300,16 @@ class BlockStats:
 
 
 class _StatsCache:
-    """Block stats per blocked tensor, computed once by the first job that needs them."""
+    """Block stats per blocked tensor, computed once by the first job that needs them, its
+    blocks on `workers` threads of its own (the jobs waiting for them would idle)."""
 
-    def __init__(self, plan: MergePlan, reader: TensorReader, block_elements: int) -> None:
+    def __init__(
+        self, plan: MergePlan, reader: TensorReader, block_elements: int, workers: int = 1
+    ) -> None:
         self.plan, self.reader, self.block_elements = plan, reader, block_elements
         self.lock = threading.Lock()
         self.found: dict[int, dict[tuple[int, int] | None, BlockStats]] = {}
+        self.pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
 
     def get(self, job: _Job) -> BlockStats | None:
         method = self.plan.method
@@ -292,13 +320,20 @@ class _StatsCache:
                 self.found[job.index] = self._compute(job.tensor)
             return self.found[job.index][job.rows]
 
+    def _map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        return _serial(fn, items) if self.pool is None else list(self.pool.map(fn, items))
+
     def _compute(self, tensor: TensorPlan) -> dict[tuple[int, int] | None, BlockStats]:
         blocks = row_blocks(self.plan, tensor, self.block_elements)
         method = self.plan.method
-        chosen = block_selections(self.plan, tensor, self.reader, blocks) if method.topk else {}
+        chosen = (
+            block_selections(self.plan, tensor, self.reader, blocks, self._map)
+            if method.topk
+            else {}
+        )
         if method.sums is None:
             return {rows: BlockStats(chosen.get(rows)) for rows in blocks}
-        sums, kept = block_sums(self.plan, tensor, self.reader, blocks)
+        sums, kept = block_sums(self.plan, tensor, self.reader, blocks, self._map)
         return {
             rows: BlockStats(chosen.get(rows), sums, kept[j] or None)
             for j, rows in enumerate(blocks)
@@ -307,6 +342,11 @@ class _StatsCache:
     def drop(self, index: int) -> None:
         with self.lock:
             self.found.pop(index, None)
+
+    def close(self) -> None:
+        """Stop the statistics threads."""
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
 
 
 def _compute_vocab(
@@ -555,7 +595,7 @@ def run_plan(
     last = {t.shard: i for i, t in enumerate(plan.tensors)}
     recorded = {plan.shard_names[i]: digest for i, digest in finished.items()}
     reader = TensorReader()
-    block_stats = _StatsCache(plan, reader, block_elements)
+    block_stats = _StatsCache(plan, reader, block_elements, budget.workers)
     clamped: dict[str, int] = {}
 
     def store(job: _Job, done: Computed) -> None:
@@ -604,6 +644,7 @@ def run_plan(
         output.discard(work)
         raise
     finally:
+        block_stats.close()
         reader.close()
     return RunResult(out, files, seconds, len(plan.tensors), plan.total_bytes, clamped, len(keep))
 

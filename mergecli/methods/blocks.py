@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from mergecli.methods.selection import Selection, select_mask, whole_selection
 
@@ -71,7 +72,15 @@ def keep_selected(delta: torch.Tensor, selection: Selection) -> torch.Tensor:
     """`delta` with the entries `selection` does not keep zeroed (of its magnitudes)."""
     if selection.keep == "some" and selection.threshold == 0.0:
         return delta  # entries at a zero threshold are zero: the mask changes nothing
-    return delta * select_mask(delta.abs(), selection)
+    if selection.keep != "some":
+        return delta * select_mask(delta, selection)
+    # |d| > t kept, others 0, sign restored: three float passes, no boolean arithmetic
+    kept = torch.copysign(F.threshold(delta.abs(), selection.threshold, 0.0), delta)
+    if selection.equal > 0:
+        flat, tied = kept.reshape(-1), torch.nonzero(delta.reshape(-1).abs() == selection.threshold)
+        index = tied.reshape(-1)[: selection.equal]
+        flat[index] = delta.reshape(-1)[index]
+    return kept
 
 
 def rescale_l1(

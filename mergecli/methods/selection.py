@@ -1,20 +1,21 @@
 """Exact top-k over a tensor seen in row blocks, so top-k methods can run block by block.
 
 A `Selector` finds the k-th largest magnitude in two passes over the blocks (a histogram of
-the high 16 bits of the float32 bit patterns, then of the low 16 bits inside the chosen
-bucket) and tells each block which entries it keeps: every entry above the threshold, plus
+buckets of 2^16 float32 bit patterns, then of the patterns inside the chosen bucket) and tells each block which entries it keeps: every entry above the threshold, plus
 the first `equal` entries at the threshold in flat order, so that exactly k are kept over
 the tensor, the lowest flat indices first among ties, as `top_k_mask` does on the whole.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 
 HIGH_BUCKETS = 1 << 15
 LOW_BUCKETS = 1 << 16
+DENSE_BUCKET = 1 / 8  # a bucket holding more of the entries is counted, not gathered
 
 
 @dataclass(frozen=True)
@@ -41,31 +42,55 @@ def select_mask(magnitude: torch.Tensor, selection: Selection) -> torch.Tensor:
 
 
 class Selector:
-    """Two passes over the same blocks in the same order: `observe(0, m)` for every block,
-    `observe(1, m)` for every block, then `selection(j)` for block j."""
+    """Two passes over the same blocks: `count(0, m)` of every block, each given to
+    `add(0, j, counts)`; then, if `second_pass()`, `count(1, m)` and `add(1, j, counts)` for
+    every block; then `selection(j)` for block j. `count` only reads the selector, so blocks
+    can be counted on several threads; `add` is called by one thread.
+
+    Bucket b >= 1 holds the bit patterns in [(b - 1) 2^16 + 1, b 2^16] and bucket 0 the
+    zeros alone, so a threshold among the zeros (a sparse task vector) needs no second pass.
+    """
 
     def __init__(self, k: int, numel: int, blocks: int = 1) -> None:
         self.k, self.numel = k, numel
-        self.high: torch.Tensor | None = None
+        self.high = torch.zeros(HIGH_BUCKETS, dtype=torch.int64)
         # allocated up front: small tensors made between block temporaries pin the heap
         self.lows = torch.zeros(blocks, LOW_BUCKETS, dtype=torch.int32)
-        self.seen = 0
-        self.bucket, self.above = 0, 0
+        self.zeros = [0] * blocks
+        self._bucket: tuple[int, int] | None = None
         self._total: torch.Tensor | None = None
         self._equal: list[int] | None = None
 
-    def observe(self, pass_no: int, magnitude: torch.Tensor) -> None:
-        """Feed one block of non-negative float32 magnitudes."""
+    def count(self, pass_no: int, magnitude: torch.Tensor) -> torch.Tensor:
+        """One block's histogram for pass `pass_no` (non-negative float32 magnitudes)."""
         bits = magnitude.reshape(-1).view(torch.int32)
         if pass_no == 0:
-            counts = torch.bincount(bits >> 16, minlength=HIGH_BUCKETS)
-            self.high = counts if self.high is None else self.high.add_(counts)
-            return
-        if self.seen == 0:
-            assert self.high is not None, "pass 0 comes first"
-            self.bucket, self.above = bucket_of(self.high, self.k)
-        self.lows[self.seen] = _low_histogram(bits, self.bucket)
-        self.seen += 1
+            return torch.bincount(_bucket_keys(bits), minlength=HIGH_BUCKETS)
+        bucket = self.bucket_above()[0]
+        dense = int(self.high[bucket]) > DENSE_BUCKET * self.numel
+        return _low_histogram(bits, bucket, dense)
+
+    def add(self, pass_no: int, block: int, counts: torch.Tensor) -> None:
+        """Record block `block`'s histogram of pass `pass_no`."""
+        if pass_no == 0:
+            self.high.add_(counts)
+            self.zeros[block] = int(counts[0])
+        else:
+            self.lows[block] = counts
+
+    def observe(self, pass_no: int, block: int, magnitude: torch.Tensor) -> None:
+        """`count` and `add` in one step."""
+        self.add(pass_no, block, self.count(pass_no, magnitude))
+
+    def bucket_above(self) -> tuple[int, int]:
+        """(bucket of the k-th largest entry, entries in higher buckets), after pass 0."""
+        if self._bucket is None:
+            self._bucket = bucket_of(self.high, self.k)
+        return self._bucket
+
+    def second_pass(self) -> bool:
+        """Whether the k-th largest entry needs the second pass (after pass 0)."""
+        return 0 < self.k < self.numel and self.bucket_above()[0] != 0
 
     def selection(self, block: int) -> Selection:
         """What block `block` keeps (after both passes)."""
@@ -73,23 +98,48 @@ class Selector:
             return Selection(0.0, 0, "all")
         if self.k <= 0:
             return Selection(0.0, 0, "none")
-        if self._total is None:
-            self._total = self.lows.to(torch.int64).sum(0)
-        offset, greater_in_bucket = bucket_of(self._total, self.k - self.above)
-        pattern = torch.tensor([(self.bucket << 16) | offset], dtype=torch.int32)
-        threshold = float(pattern.view(torch.float32)[0])
-        missing = self.k - self.above - greater_in_bucket
-        if self._equal is None:
-            self._equal = [int(low[offset]) for low in self.lows]
-        before, here = sum(self._equal[:block]), self._equal[block]
+        bucket, above = self.bucket_above()
+        missing, equal = self.k - above, self.zeros
+        threshold = 0.0
+        if bucket != 0:
+            if self._total is None:
+                self._total = self.lows.to(torch.int64).sum(0)
+            offset, greater_in_bucket = bucket_of(self._total, self.k - above)
+            pattern = torch.tensor([_bucket_start(bucket) + offset], dtype=torch.int32)
+            threshold = float(pattern.view(torch.float32)[0])
+            missing -= greater_in_bucket
+            if self._equal is None:
+                self._equal = [int(low[offset]) for low in self.lows]
+            equal = self._equal
+        before, here = sum(equal[:block]), equal[block]
         return Selection(threshold, max(0, min(here, missing - before)))
 
 
-def _low_histogram(bits: torch.Tensor, bucket: int) -> torch.Tensor:
-    """Histogram of the low 16 bits of the entries whose high 16 bits are `bucket`: entries
-    below the bucket are clamped into an extra bin before it, those above into one after
-    (no gathering: boolean indexing costs several times a bincount)."""
-    keys = torch.sub(bits, (bucket << 16) - 1).clamp_(0, LOW_BUCKETS + 1)
+def _bucket_start(bucket: int) -> int:
+    """The smallest bit pattern in `bucket` (>= 1)."""
+    return ((bucket - 1) << 16) + 1
+
+
+def _bucket_keys(bits: torch.Tensor) -> torch.Tensor:
+    """The bucket of each non-negative int32 bit pattern: the high 16 bits of bits + 0xFFFF,
+    on a little-endian machine the odd int16 halves of it, a view (bincount of int16 costs
+    about half that of int32)."""
+    shifted = bits + 0xFFFF
+    if sys.byteorder == "little":
+        return shifted.view(torch.int16)[1::2]
+    return shifted >> 16
+
+
+def _low_histogram(bits: torch.Tensor, bucket: int, dense: bool) -> torch.Tensor:
+    """Histogram of bits - start of `bucket` for the entries in it. A sparse bucket's
+    entries are gathered; in a dense one, entries below the bucket are clamped into an
+    extra bin before it, those above into one after, since gathering most entries costs
+    several times a bincount."""
+    start = _bucket_start(bucket)
+    if not dense:
+        picked = bits[_bucket_keys(bits) == bucket] - start
+        return torch.bincount(picked, minlength=LOW_BUCKETS).to(torch.int32)
+    keys = torch.sub(bits, start - 1).clamp_(0, LOW_BUCKETS + 1)
     counts = torch.bincount(keys, minlength=LOW_BUCKETS + 2)
     return counts[1 : LOW_BUCKETS + 1].to(torch.int32)
 
@@ -97,8 +147,9 @@ def _low_histogram(bits: torch.Tensor, bucket: int) -> torch.Tensor:
 def whole_selection(magnitude: torch.Tensor, k: int) -> Selection:
     """The selection of a whole tensor of non-negative float32 magnitudes (one block)."""
     selector = Selector(k, magnitude.numel())
-    selector.observe(0, magnitude)
-    selector.observe(1, magnitude)
+    selector.observe(0, 0, magnitude)
+    if selector.second_pass():
+        selector.observe(1, 0, magnitude)
     return selector.selection(0)
 
 
