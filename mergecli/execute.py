@@ -13,7 +13,7 @@ import shutil
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
@@ -54,9 +54,10 @@ TOKENIZER_FILES = (
 )
 Progress = Callable[[TensorPlan], None]
 MASKS_FILE = "masks.safetensors"
-BLOCK_ELEMENTS = 1 << 22
+BLOCK_ELEMENTS = 1 << 20
 PIPELINE_JOBS = 2
 PIPELINE_BYTES = 1 << 30
+LOOKAHEAD = 2
 RUNTIME_BYTES = 250 * 10**6  # interpreter, torch, plan: a run of the tiny family peaks at 0.25 GB
 COPY_OVERHEAD = 12  # bytes held per byte of a copied block (measured: passthrough, 0.5b)
 
@@ -320,8 +321,10 @@ class _StatsCache:
                 self.found[job.index] = self._compute(job.tensor)
             return self.found[job.index][job.rows]
 
-    def _map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-        return _serial(fn, items) if self.pool is None else list(self.pool.map(fn, items))
+    def _map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterable[Any]:
+        # results are taken in order as they come, not gathered: a tensor of 136 blocks
+        # held 100 MB of histograms at once
+        return _serial(fn, items) if self.pool is None else self.pool.map(fn, items)
 
     def _compute(self, tensor: TensorPlan) -> dict[tuple[int, int] | None, BlockStats]:
         blocks = row_blocks(self.plan, tensor, self.block_elements)
@@ -510,10 +513,14 @@ def budget_for(plan: MergePlan, max_memory: int | None, workers: int = PIPELINE_
     return Budget(workers, max(1, min(BLOCK_ELEMENTS, block)), room)
 
 
-def _admits(budget: Budget, pending: int, in_flight: int, job: int) -> bool:
-    """Whether the pipeline starts a job of `job` bytes now (else it first stores the
-    oldest pending one); with nothing pending it always does."""
-    return pending == 0 or (pending < budget.workers and in_flight + job <= budget.job_bytes)
+def _admits(budget: Budget, pending: int, in_flight: int, job: int, lookahead: int = 0) -> bool:
+    """Whether the pipeline submits a job of `job` bytes now (else it first stores the
+    oldest pending one); with nothing pending it always does. `lookahead` jobs beyond the
+    workers may wait queued, so a worker whose job is done starts the next one while the
+    oldest (a tensor's first block, which computes the statistics of all its blocks) still
+    runs; the jobs computing at once are those admitted with no lookahead."""
+    limit = budget.workers + lookahead
+    return pending == 0 or (pending < limit and in_flight + job <= budget.job_bytes)
 
 
 def predict_peak(plan: MergePlan, budget: Budget) -> int:
@@ -544,7 +551,7 @@ def _pipeline(
     with ThreadPoolExecutor(max_workers=budget.workers) as pool:
         try:
             for job in jobs:
-                while not _admits(budget, len(pending), in_flight, job.working_bytes):
+                while not _admits(budget, len(pending), in_flight, job.working_bytes, LOOKAHEAD):
                     done_job, future = pending.popleft()
                     store(done_job, future.result())
                     in_flight -= done_job.working_bytes
@@ -607,9 +614,9 @@ def run_plan(
         for i, mask in enumerate(done.masks):
             masks.write(f"{tensor.name}:task{i}", pack_mask(mask))  # type: ignore[union-attr]
         if job.final and last[tensor.shard] == job.index:
-            writer.finish_shard(tensor.shard)
+            digest = writer.finish_shard(tensor.shard)
             name = plan.shard_names[tensor.shard]
-            recorded[name] = progress_file.sha256_file(work / name)
+            recorded[name] = digest or progress_file.sha256_file(work / name)
             progress_file.record(work, print_, recorded)
         if job.final:
             block_stats.drop(job.index)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -152,3 +153,23 @@ def test_writer_refuses_a_tensor_of_the_wrong_dtype(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"got torch\.float16, planned F32"):
         writer.write("w", torch.zeros(2, dtype=torch.float16))
     writer.abort()
+
+
+def test_finished_shards_are_hashed_as_written(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    tensors = {f"t{i}": torch.randn(10, 5) for i in range(4)}  # 200 bytes each
+    placed, names = assign_shards(plan_of(tensors), 450)
+    writer = ShardWriter(tmp_path, names, placed)
+    writer.open()
+    writer.write("t0", tensors["t0"][:4])  # in file order, in two row blocks
+    writer.write("t0", tensors["t0"][4:], 4 * 5 * 4)
+    writer.write("t1", tensors["t1"])
+    in_order = writer.finish_shard(0)
+    writer.write("t3", tensors["t3"])  # out of order: no digest, the caller reads the file
+    writer.write("t2", tensors["t2"])
+    out_of_order = writer.finish_shard(1)
+    writer.close()
+    assert in_order == hashlib.sha256((tmp_path / names[0]).read_bytes()).hexdigest()
+    assert out_of_order is None
+    with safe_open(str(tmp_path / names[1]), framework="pt") as handle:
+        assert torch.equal(handle.get_tensor("t3"), tensors["t3"])

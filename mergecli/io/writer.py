@@ -2,11 +2,13 @@
 
 Each shard's header (names, dtypes, shapes, offsets) is known before any tensor is
 computed, so a finished tensor is written straight to its offset and no shard is ever
-held in memory whole.
+held in memory whole. Bytes written in file order are hashed as they go, so a finished
+shard's sha256 needs no re-read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -32,15 +34,26 @@ class TensorSlot:
 
 
 class ShardWriter:
-    """Writes the output shards of a plan into `folder`."""
+    """Writes the output shards of a plan into `folder` (hashing them unless `digest` is
+    False)."""
 
-    def __init__(self, folder: Path, shard_names: Sequence[str], tensors: Sequence[Any]) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        shard_names: Sequence[str],
+        tensors: Sequence[Any],
+        digest: bool = True,
+    ) -> None:
         self.folder = folder
+        self.digest = digest
         self.shard_names = tuple(shard_names)
         self.slots: dict[str, TensorSlot] = {}
         self._headers: list[bytes] = []
         self._sizes: list[int] = []
         self._fds: dict[int, int] = {}
+        self._finished: list[int] = []
+        self._digests: dict[int, Any] = {}
+        self._hashed: dict[int, int] = {}  # bytes hashed from the start; -1 once out of order
         self._layout(tensors)
 
     def _layout(self, tensors: Sequence[Any]) -> None:
@@ -82,18 +95,20 @@ class ShardWriter:
                 fd = os.open(self.folder / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
                 self._fds[index] = fd
                 _pwrite_all(fd, header, 0)
+                if self.digest:
+                    self._digests[index] = hashlib.sha256(header)
+                    self._hashed[index] = len(header)
         except OSError as exc:
             raise _output_error(exc) from None
 
-    def finish_shard(self, index: int) -> None:
-        """Flush and close one complete shard."""
-        fd = self._fds.pop(index)
-        try:
-            os.fsync(fd)
-        except OSError as exc:
-            raise _output_error(exc) from None
-        finally:
-            os.close(fd)
+    def finish_shard(self, index: int) -> str | None:
+        """Mark one shard complete; return its sha256 when every byte was hashed in order.
+        Its file is flushed with the others by `close` (a finished shard's bytes are in
+        the page cache; `--resume` checks its hash before reusing it)."""
+        self._finished.append(self._fds.pop(index))
+        if self._hashed.get(index) != self._sizes[index]:
+            return None
+        return self._digests[index].hexdigest()  # type: ignore[no-any-return]
 
     def write(self, name: str, tensor: torch.Tensor, byte_offset: int = 0) -> None:
         """Write `tensor` (already in its output dtype) at its slot; a part of the tensor (a
@@ -111,10 +126,19 @@ class ShardWriter:
                 _pwrite_all(self._fds[slot.shard], data.data, slot.offset + byte_offset)
             except OSError as exc:
                 raise _output_error(exc) from None
+            self._hash(slot.shard, slot.offset + byte_offset, data.data)
+
+    def _hash(self, shard: int, offset: int, data: memoryview) -> None:
+        if self._hashed.get(shard) == offset:
+            self._digests[shard].update(data)
+            self._hashed[shard] = offset + data.nbytes
+        else:
+            self._hashed[shard] = -1
 
     def close(self) -> None:
         """Flush and close every shard file."""
-        fds, self._fds = list(self._fds.values()), {}
+        fds, self._fds = [*self._finished, *self._fds.values()], {}
+        self._finished = []
         error: OSError | None = None
         for fd in fds:
             try:
@@ -127,9 +151,9 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Close without flushing (the folder is about to be removed)."""
-        for fd in self._fds.values():
+        for fd in [*self._finished, *self._fds.values()]:
             os.close(fd)
-        self._fds = {}
+        self._fds, self._finished = {}, []
 
     def index(self) -> dict[str, Any]:
         """The `model.safetensors.index.json` document."""

@@ -15,7 +15,7 @@ import torch
 
 HIGH_BUCKETS = 1 << 15
 LOW_BUCKETS = 1 << 16
-DENSE_BUCKET = 1 / 8  # a bucket holding more of the entries is counted, not gathered
+DENSE_BUCKET = 1 / 8  # entries of a bucket holding more of them are counted, not gathered
 
 
 @dataclass(frozen=True)
@@ -54,21 +54,28 @@ class Selector:
     def __init__(self, k: int, numel: int, blocks: int = 1) -> None:
         self.k, self.numel = k, numel
         self.high = torch.zeros(HIGH_BUCKETS, dtype=torch.int64)
-        # allocated up front: small tensors made between block temporaries pin the heap
-        self.lows = torch.zeros(blocks, LOW_BUCKETS, dtype=torch.int32)
+        self.lows: list[torch.Tensor | None] = [None] * blocks
         self.zeros = [0] * blocks
         self._bucket: tuple[int, int] | None = None
+        self._dense = False
         self._total: torch.Tensor | None = None
         self._equal: list[int] | None = None
 
     def count(self, pass_no: int, magnitude: torch.Tensor) -> torch.Tensor:
-        """One block's histogram for pass `pass_no` (non-negative float32 magnitudes)."""
+        """What pass `pass_no` learns from one block (non-negative float32 magnitudes): the
+        bucket histogram; then the offsets in the chosen bucket of its entries (gathered when
+        the bucket is sparse) or their histogram (LOW_BUCKETS counts, when dense)."""
         bits = magnitude.reshape(-1).view(torch.int32)
         if pass_no == 0:
             return torch.bincount(_bucket_keys(bits), minlength=HIGH_BUCKETS)
         bucket = self.bucket_above()[0]
-        dense = int(self.high[bucket]) > DENSE_BUCKET * self.numel
-        return _low_histogram(bits, bucket, dense)
+        start = _bucket_start(bucket)
+        if not self._dense:
+            return bits[_bucket_keys(bits) == bucket] - start
+        # most entries are in the bucket: clamp those below into a bin before it and those
+        # above into one after (gathering most entries costs several times a bincount)
+        keys = torch.sub(bits, start - 1).clamp_(0, LOW_BUCKETS + 1)
+        return torch.bincount(keys, minlength=LOW_BUCKETS + 2)[1 : LOW_BUCKETS + 1]
 
     def add(self, pass_no: int, block: int, counts: torch.Tensor) -> None:
         """Record block `block`'s histogram of pass `pass_no`."""
@@ -86,6 +93,7 @@ class Selector:
         """(bucket of the k-th largest entry, entries in higher buckets), after pass 0."""
         if self._bucket is None:
             self._bucket = bucket_of(self.high, self.k)
+            self._dense = int(self.high[self._bucket[0]]) > DENSE_BUCKET * self.numel
         return self._bucket
 
     def second_pass(self) -> bool:
@@ -102,14 +110,21 @@ class Selector:
         missing, equal = self.k - above, self.zeros
         threshold = 0.0
         if bucket != 0:
+            lows = [low for low in self.lows if low is not None]
             if self._total is None:
-                self._total = self.lows.to(torch.int64).sum(0)
+                self._total = torch.zeros(LOW_BUCKETS, dtype=torch.int64)
+                for low in lows:
+                    self._total += (
+                        low if self._dense else torch.bincount(low, minlength=LOW_BUCKETS)
+                    )
             offset, greater_in_bucket = bucket_of(self._total, self.k - above)
             pattern = torch.tensor([_bucket_start(bucket) + offset], dtype=torch.int32)
             threshold = float(pattern.view(torch.float32)[0])
             missing -= greater_in_bucket
             if self._equal is None:
-                self._equal = [int(low[offset]) for low in self.lows]
+                self._equal = [
+                    int(low[offset]) if self._dense else int((low == offset).sum()) for low in lows
+                ]
             equal = self._equal
         before, here = sum(equal[:block]), equal[block]
         return Selection(threshold, max(0, min(here, missing - before)))
@@ -128,20 +143,6 @@ def _bucket_keys(bits: torch.Tensor) -> torch.Tensor:
     if sys.byteorder == "little":
         return shifted.view(torch.int16)[1::2]
     return shifted >> 16
-
-
-def _low_histogram(bits: torch.Tensor, bucket: int, dense: bool) -> torch.Tensor:
-    """Histogram of bits - start of `bucket` for the entries in it. A sparse bucket's
-    entries are gathered; in a dense one, entries below the bucket are clamped into an
-    extra bin before it, those above into one after, since gathering most entries costs
-    several times a bincount."""
-    start = _bucket_start(bucket)
-    if not dense:
-        picked = bits[_bucket_keys(bits) == bucket] - start
-        return torch.bincount(picked, minlength=LOW_BUCKETS).to(torch.int32)
-    keys = torch.sub(bits, start - 1).clamp_(0, LOW_BUCKETS + 1)
-    counts = torch.bincount(keys, minlength=LOW_BUCKETS + 2)
-    return counts[1 : LOW_BUCKETS + 1].to(torch.int32)
 
 
 def whole_selection(magnitude: torch.Tensor, k: int) -> Selection:
