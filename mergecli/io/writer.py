@@ -111,8 +111,27 @@ class ShardWriter:
         return self._digests[index].hexdigest()  # type: ignore[no-any-return]
 
     def write(self, name: str, tensor: torch.Tensor, byte_offset: int = 0) -> None:
-        """Write `tensor` (already in its output dtype) at its slot; a part of the tensor (a
-        block of rows) goes `byte_offset` bytes into the slot."""
+        """Write `tensor` (already in its output dtype) at its slot and hash it; a part of
+        the tensor (a block of rows) goes `byte_offset` bytes into the slot."""
+        self.put(name, tensor, byte_offset)
+        self.absorb(name, tensor, byte_offset)
+
+    def put(self, name: str, tensor: torch.Tensor, byte_offset: int = 0) -> None:
+        """Write without hashing: any thread, any order (each tensor has its own bytes)."""
+        slot, data = self._bytes(name, tensor, byte_offset)
+        if data.nbytes:
+            try:
+                _pwrite_all(self._fds[slot.shard], data.data, slot.offset + byte_offset)
+            except OSError as exc:
+                raise _output_error(exc) from None
+
+    def absorb(self, name: str, tensor: torch.Tensor, byte_offset: int = 0) -> None:
+        """Hash what `put` wrote, from one thread in file order (else the shard is re-read)."""
+        slot, data = self._bytes(name, tensor, byte_offset)
+        if data.nbytes:
+            self._hash(slot.shard, slot.offset + byte_offset, data.data)
+
+    def _bytes(self, name: str, tensor: torch.Tensor, byte_offset: int) -> tuple[TensorSlot, Any]:
         slot = self.slots[name]
         if tensor.dtype != CODE_TO_TORCH[slot.dtype]:
             raise ValueError(f"{name}: got {tensor.dtype}, planned {slot.dtype}")
@@ -121,12 +140,7 @@ class ShardWriter:
             raise ValueError(
                 f"{name}: {data.nbytes} bytes at {byte_offset} overflow the {slot.nbytes} planned"
             )
-        if data.nbytes:
-            try:
-                _pwrite_all(self._fds[slot.shard], data.data, slot.offset + byte_offset)
-            except OSError as exc:
-                raise _output_error(exc) from None
-            self._hash(slot.shard, slot.offset + byte_offset, data.data)
+        return slot, data
 
     def _hash(self, shard: int, offset: int, data: memoryview) -> None:
         if self._hashed.get(shard) == offset:

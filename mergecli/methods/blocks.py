@@ -93,23 +93,25 @@ def rescale_l1(
 
 
 def dare_mask(draws: torch.Tensor, density: float) -> torch.Tensor:
-    """DARE's keep mask: entries whose uniform draw is < `density`."""
-    return draws < density
+    """DARE's keep mask, 1.0 where the uniform draw is < `density` and 0.0 elsewhere, made
+    in place of `draws` as clamp(sign(density - draw), 0): float passes, no boolean
+    arithmetic (density - draw is exact near zero, so its sign is the comparison)."""
+    return draws.neg_().add_(density).sign_().clamp_(min=0)
 
 
 def dare_keep(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`delta` with the entries outside `mask` zeroed."""
+    """`delta` with the entries where the 0/1 `mask` is 0 zeroed."""
     return delta * mask.reshape(delta.shape).to(delta.device)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """A bool mask as flat packed bits (numpy.packbits order), 1/8 of its bytes."""
-    return torch.from_numpy(np.packbits(mask.reshape(-1).cpu().numpy()))
+    """A 0/1 (or bool) mask as flat packed bits (numpy.packbits order), 1/32 of its bytes."""
+    return torch.from_numpy(np.packbits(mask.reshape(-1).to(torch.uint8).cpu().numpy()))
 
 
 def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """The flat bool mask of `numel` entries that `pack_bits` packed."""
-    return torch.from_numpy(np.unpackbits(packed.numpy(), count=numel)).view(torch.bool)
+    """The flat float32 0/1 mask of `numel` entries that `pack_bits` packed."""
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=numel)).to(torch.float32)
 
 
 def dare_drop(
@@ -127,15 +129,18 @@ def dare_drop(
 
 
 def dare_norms(delta: torch.Tensor, kept: torch.Tensor) -> tuple[float, float]:
-    """(|delta|_1, |kept|_1), the same however the tensor is cut into row blocks."""
-    return exact_total([row_sums(delta.abs())]), exact_total([row_sums(kept.abs())])
+    """(|delta|_1, |kept|_1), the same however the tensor is cut into row blocks: sums of
+    each row in the work dtype (cascade summation; float32 for 16-bit inputs: this is a
+    rescale factor, not an output value), added exactly."""
+    work = delta.dtype
+    return exact_total([row_sums(delta.abs(), work)]), exact_total([row_sums(kept.abs(), work)])
 
 
-def row_sums(values: torch.Tensor) -> torch.Tensor:
-    """float64 sum of each row (a 0-D or 1-D tensor is one row): a row's sum does not depend
-    on which block of rows it was computed in."""
+def row_sums(values: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Sum of each row accumulated in `dtype` (a 0-D or 1-D tensor is one row): a row's sum
+    does not depend on which block of rows it was computed in."""
     rows = values.reshape(values.shape[0] if values.dim() > 1 else 1, -1)
-    return rows.sum(dim=1, dtype=torch.float64)
+    return rows.sum(dim=1, dtype=dtype)
 
 
 def exact_total(parts: Sequence[torch.Tensor]) -> float:
@@ -143,23 +148,26 @@ def exact_total(parts: Sequence[torch.Tensor]) -> float:
     return math.fsum(torch.cat([p.reshape(-1) for p in parts]).tolist()) if parts else 0.0
 
 
-DRAW_CHUNK = 1 << 20
+DRAW_CHUNK = 1 << 16
 
 
 def uniform_draws(count: int, offset: int, seed: int, name: str, model: int) -> torch.Tensor:
     """Uniform [0, 1) float32 draws for the flat entries [offset, offset + count) of tensor
     `name`: every chunk of DRAW_CHUNK entries has its own generator (seed, name, model,
-    chunk), so a block of rows gets the same draws as the whole tensor has there."""
-    if count == 0:
-        return torch.empty(0, dtype=torch.float32)
-    end = offset + count
-    parts = []
-    for chunk in range(offset // DRAW_CHUNK, (end - 1) // DRAW_CHUNK + 1):
+    chunk), so a block of rows gets the same draws as the whole tensor has there (a block
+    starting inside a chunk draws that chunk's earlier entries too: chunks are small)."""
+    out = torch.empty(count, dtype=torch.float32)
+    end, position = offset + count, 0
+    for chunk in range(offset // DRAW_CHUNK, (end - 1) // DRAW_CHUNK + 1 if count else 0):
         low = max(offset, chunk * DRAW_CHUNK) - chunk * DRAW_CHUNK
         high = min(end, (chunk + 1) * DRAW_CHUNK) - chunk * DRAW_CHUNK
         generator = generator_for(seed, f"{name}\0{chunk}", model)
-        parts.append(torch.rand(high, generator=generator, dtype=torch.float32)[low:])
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+        if low == 0:
+            torch.rand(high, generator=generator, out=out[position : position + high])
+        else:
+            out[position : position + high - low] = torch.rand(high, generator=generator)[low:]
+        position += high - low
+    return out
 
 
 def breadcrumbs_mask(magnitude: torch.Tensor, density: float, gamma: float) -> torch.Tensor:

@@ -108,9 +108,10 @@ def _dare_sums(args: MergeArgs) -> BlockSums:
             sums.append([])
             kept.append(None)
             continue
-        delta = tensor - args.base
-        mask = _dare_mask(args, i, delta.numel())
-        sums.append([row_sums(delta.abs_()), row_sums(dare_keep(delta, mask))])
+        magnitude = (tensor - args.base).abs_()
+        mask = _dare_mask(args, i, magnitude.numel()).reshape(magnitude.shape)
+        work = magnitude.dtype  # as `dare_norms`
+        sums.append([row_sums(magnitude, work), row_sums(magnitude.mul_(mask), work)])
         kept.append(pack_bits(mask))
     return BlockSums(sums, kept)
 
