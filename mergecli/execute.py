@@ -13,7 +13,7 @@ import shutil
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
@@ -58,6 +58,7 @@ BLOCK_ELEMENTS = 1 << 20
 PIPELINE_JOBS = 2
 PIPELINE_BYTES = 1 << 30
 LOOKAHEAD = 2
+SPARSE_MARGIN = 1.1
 RUNTIME_BYTES = 250 * 10**6  # interpreter, torch, plan: a run of the tiny family peaks at 0.25 GB
 COPY_OVERHEAD = 12  # bytes held per byte of a copied block (measured: passthrough, 0.5b)
 
@@ -207,30 +208,63 @@ def block_selections(
     def read(model: int, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
         return reader.read(plan.models[model], name, rows).to(torch.float32)
 
-    def count(pass_no: int, rows: tuple[int, int] | None) -> list[list[torch.Tensor]]:
+    def wanted(pass_no: int, chosen: list[Selector]) -> list[Selector]:
+        return [s for s in chosen if (not s.settled if pass_no == 0 else s.second_pass())]
+
+    def magnitudes(rows: tuple[int, int] | None) -> Iterator[torch.Tensor | None]:
         base = read(base_ref.model, base_ref.name, rows)
-        found = []
         for ref, chosen in zip(tensor.inputs, selectors):
-            wanted = [s for s in chosen if pass_no == 0 or s.second_pass()]
-            if wanted:
-                magnitude = read(ref.model, ref.name, rows).sub_(base).abs_()
-                found.append([selector.count(pass_no, magnitude) for selector in wanted])
-            else:
-                found.append([])
+            yield read(ref.model, ref.name, rows).sub_(base).abs_() if chosen else None
+
+    def zeros(rows: tuple[int, int] | None) -> list[int]:
+        return [
+            0 if m is None else m.numel() - int(torch.count_nonzero(m)) for m in magnitudes(rows)
+        ]
+
+    def count(pass_no: int, rows: tuple[int, int] | None) -> list[list[torch.Tensor]]:
+        found = []
+        for chosen, magnitude in zip(selectors, magnitudes(rows)):
+            wanted_here = wanted(pass_no, chosen) if magnitude is not None else []
+            found.append([s.count(pass_no, magnitude) for s in wanted_here])  # type: ignore[arg-type]
         return found
 
+    if _looks_sparse(selectors, zeros(blocks[0]), blocks[0], tensor):
+        per_block = list(map_blocks(zeros, blocks))
+        for i, chosen in enumerate(selectors):
+            for selector in chosen:
+                selector.settle_zeros([z[i] for z in per_block])
     for pass_no in (0, 1):
-        if pass_no == 1 and not any(s.second_pass() for c in selectors for s in c):
-            break
+        if not any(wanted(pass_no, c) for c in selectors):
+            continue
         for j, found in enumerate(map_blocks(partial(count, pass_no), blocks)):
             for chosen, histograms in zip(selectors, found):
-                wanted = [s for s in chosen if pass_no == 0 or s.second_pass()]
-                for selector, histogram in zip(wanted, histograms):
+                for selector, histogram in zip(wanted(pass_no, chosen), histograms):
                     selector.add(pass_no, j, histogram)
     return {
         rows: [[s.selection(j) for s in chosen] for chosen in selectors]
         for j, rows in enumerate(blocks)
     }
+
+
+def _looks_sparse(
+    selectors: list[list[Selector]],
+    zeros: list[int],
+    rows: tuple[int, int] | None,
+    tensor: TensorPlan,
+) -> bool:
+    """Whether, judging by the first block, every model keeps all its nonzero entries with
+    room to spare (then counting zeros may settle the thresholds without histograms; a
+    wrong guess costs one cheap pass, never a different result)."""
+    size = tensor.numel if rows is None else (rows[1] - rows[0]) * tensor.row_numel
+    return (
+        size > 0
+        and any(selectors)
+        and all(
+            s.k >= SPARSE_MARGIN * (size - z) / size * tensor.numel
+            for chosen, z in zip(selectors, zeros)
+            for s in chosen
+        )
+    )
 
 
 def block_sums(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
 
 from conftest import write
 from mergecli.cli._common import plan_recipe
@@ -111,6 +113,13 @@ def test_blockwise_selection_equals_whole_tensor_top_k(data: st.DataObject) -> N
     )
     kept = torch.cat([keep_selected(signed[s:e], c) for (s, e), c in zip(blocks, chosen)])
     assert torch.equal(kept.reshape(-1), signed.reshape(-1) * expected)
+    counted = Selector(k, values.numel(), len(blocks))  # zeros counted instead of histograms
+    zeros = [int((values[s:e] == 0).sum()) for s, e in blocks]
+    settled = counted.settle_zeros(zeros)
+    assert settled == (k >= sum(1 for b in bits if b != 0))
+    if settled:
+        masks = [select_mask(values[s:e], counted.selection(j)) for j, (s, e) in enumerate(blocks)]
+        assert torch.equal(torch.cat(masks).reshape(-1), expected)
 
 
 def test_random_draws_of_a_block_equal_the_whole_tensors_draws() -> None:
@@ -125,3 +134,40 @@ def test_random_draws_of_a_block_equal_the_whole_tensors_draws() -> None:
     ]:
         assert torch.equal(uniform_draws(count, offset, 1, "t", 2), whole[offset : offset + count])
     assert not torch.equal(uniform_draws(10, 0, 1, "t", 3), whole[:10])
+
+
+def sparse_tune(base: Path, out: Path, seed: int, keep: float, clean_rows: int = 0) -> Path:
+    """`base` plus a task vector with a `keep` fraction of nonzero entries; the first
+    `clean_rows` rows of the embedding left unchanged (a misleading first block)."""
+    shutil.copytree(base, out)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = load_file(out / "model.safetensors")
+    for name, tensor in tensors.items():
+        mask = torch.rand(tensor.shape, generator=generator) < keep
+        delta = torch.randn(tensor.shape, generator=generator) * 0.01 * mask
+        if name == "model.embed_tokens.weight":
+            delta[:clean_rows] = 0
+        tensors[name] = tensor + delta
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize(
+    ("keep", "density", "clean_rows"),
+    [(0.1, 0.5, 0), (0.1, 0.05, 0), (0.3, 0.2, 3)],
+    ids=["k-above-nonzeros", "k-below-nonzeros", "misleading-first-block"],
+)
+def test_sparse_task_vectors_select_as_the_whole_tensor_does(
+    family: dict[str, Path], tmp_path: Path, keep: float, density: float, clean_rows: int
+) -> None:
+    a = sparse_tune(family["base"], tmp_path / "a", 1, keep, clean_rows)
+    b = sparse_tune(family["base"], tmp_path / "b", 2, keep, clean_rows)
+    text = (
+        f"merge_method: ties\nbase_model: {family['base']}\n"
+        f"parameters: {{density: {density}, weight: 1.0}}\nmodels:\n  - model: {a}\n  - model: {b}\n"
+    )
+    recipe = write(tmp_path / "r.yaml", text)
+    plan = plan_recipe(recipe)
+    whole = run_plan(plan, tmp_path / "whole", text, reproducible=True, block_elements=1 << 30)
+    blocks = run_plan(plan, tmp_path / "blocks", text, reproducible=True, block_elements=100)
+    assert whole.files == blocks.files

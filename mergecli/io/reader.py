@@ -1,6 +1,6 @@
 """Read tensors one at a time with positioned reads (safetensors) or safely loaded `.bin`.
 
-safetensors files are read with `readinto` at the offsets of their header rather than
+safetensors files are read with positioned reads at the offsets of their header rather than
 memory-mapped: pages of a mapped file stay resident in the process after use, so a merge
 that maps its inputs ends with their whole size in RSS. Reading into a fresh buffer keeps
 resident memory to the tensors in flight.
@@ -9,6 +9,7 @@ resident memory to the tensors in flight.
 from __future__ import annotations
 
 import io
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -39,12 +40,24 @@ class _SafetensorsFile:
             begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
             shape = (rows[1] - rows[0], *shape[1:])
         out = torch.empty(end - begin, dtype=torch.uint8)
-        with self.lock:
-            self.handle.seek(self.header.data_start + begin)
-            got = self.handle.readinto(out.numpy().data)
+        got = self._read_at(out.numpy().data, self.header.data_start + begin)
         if got != end - begin:
             raise OSError(f"short read of `{name}` ({got} of {end - begin} bytes)")
         return out.view(CODE_TO_TORCH[entry.dtype]).reshape(shape)
+
+    def _read_at(self, buffer: memoryview, offset: int) -> int:
+        """Fill `buffer` from `offset`; positioned reads need no lock between threads."""
+        if not hasattr(os, "preadv"):
+            with self.lock:
+                self.handle.seek(offset)
+                return self.handle.readinto(buffer)
+        view, got = memoryview(buffer).cast("B"), 0
+        while got < len(view):
+            count = os.preadv(self.handle.fileno(), [view[got:]], offset + got)
+            if count == 0:
+                break
+            got += count
+        return got
 
 
 class TensorReader:

@@ -107,7 +107,7 @@ SPECS = (
         min_models=1,
         max_models=1,
         paper="https://dl.acm.org/doi/10.1145/325165.325242",
-        peak_copies=6.4,
+        peak_copies=15.0,
         sums=_slerp_sums,
     ),
     MethodSpec(

@@ -30,5 +30,5 @@ SPEC = MethodSpec(
     min_models=1,
     paper="https://arxiv.org/abs/2203.05482",
     elementwise=True,
-    peak_copies=3.3,
+    peak_copies=5.0,
 )

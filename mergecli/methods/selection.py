@@ -89,6 +89,21 @@ class Selector:
         """`count` and `add` in one step."""
         self.add(pass_no, block, self.count(pass_no, magnitude))
 
+    def settle_zeros(self, zeros: list[int]) -> bool:
+        """With each block's count of zero magnitudes (a sparse task vector): when k is at
+        least the number of nonzero entries, the threshold is zero and no histogram is
+        needed (True); else nothing changes (False)."""
+        nonzero = self.numel - sum(zeros)
+        if self.k < nonzero:
+            return False
+        self.zeros, self._bucket = list(zeros), (0, nonzero)
+        return True
+
+    @property
+    def settled(self) -> bool:
+        """True once the bucket of the k-th largest entry is known."""
+        return self._bucket is not None
+
     def bucket_above(self) -> tuple[int, int]:
         """(bucket of the k-th largest entry, entries in higher buckets), after pass 0."""
         if self._bucket is None:

@@ -134,8 +134,9 @@ class MethodSpec:
     elementwise: bool = False
     topk: TopK | None = None
     sums: Callable[[MergeArgs], BlockSums] | None = None
-    peak_copies: float = 5.0  # float32 copies per input at peak; measured per method in
-    # benchmarks/RESULTS.md (linear 3.3, task arithmetic 3.4, TIES 5, DARE 6.5, slerp 6.4)
+    peak_copies: float = 5.0  # float32 copies per input at peak, heap slack included;
+    # fitted per method on the 0.5b workload with 1M-entry blocks (benchmarks/RESULTS.md:
+    # linear and task arithmetic 5, TIES 8, DARE 11.5, slerp 15) and checked on the 1.5b one
 
     @property
     def blockwise(self) -> bool:

@@ -256,7 +256,7 @@ SPECS = (
         (WEIGHT, LAMBDA, _normalize(False)),
         needs_base=True,
         paper=TA_PAPER,
-        peak_copies=3.4,
+        peak_copies=5.0,
         elementwise=True,
     ),
     MethodSpec(
@@ -266,7 +266,7 @@ SPECS = (
         (WEIGHT, DENSITY, LAMBDA, _normalize(True), INT8_MASK),
         needs_base=True,
         paper=TIES_PAPER,
-        peak_copies=5.0,
+        peak_copies=8.0,
         topk=_magnitude_counts,
     ),
     MethodSpec(
@@ -277,7 +277,7 @@ SPECS = (
         needs_base=True,
         random=True,
         paper=DARE_PAPER,
-        peak_copies=6.5,
+        peak_copies=11.5,
         sums=_dare_sums,
     ),
     MethodSpec(
@@ -288,7 +288,7 @@ SPECS = (
         needs_base=True,
         random=True,
         paper=DARE_PAPER,
-        peak_copies=6.5,
+        peak_copies=11.5,
         sums=_dare_sums,
     ),
     MethodSpec(
