@@ -211,21 +211,22 @@ def block_selections(
     def wanted(pass_no: int, chosen: list[Selector]) -> list[Selector]:
         return [s for s in chosen if (not s.settled if pass_no == 0 else s.second_pass())]
 
-    def magnitudes(rows: tuple[int, int] | None) -> Iterator[torch.Tensor | None]:
+    def deltas(rows: tuple[int, int] | None) -> Iterator[torch.Tensor | None]:
         base = read(base_ref.model, base_ref.name, rows)
         for ref, chosen in zip(tensor.inputs, selectors):
-            yield read(ref.model, ref.name, rows).sub_(base).abs_() if chosen else None
+            yield read(ref.model, ref.name, rows).sub_(base) if chosen else None
 
     def zeros(rows: tuple[int, int] | None) -> list[int]:
-        return [
-            0 if m is None else m.numel() - int(torch.count_nonzero(m)) for m in magnitudes(rows)
-        ]
+        return [0 if d is None else d.numel() - int(torch.count_nonzero(d)) for d in deltas(rows)]
 
     def count(pass_no: int, rows: tuple[int, int] | None) -> list[list[torch.Tensor]]:
-        found = []
-        for chosen, magnitude in zip(selectors, magnitudes(rows)):
-            wanted_here = wanted(pass_no, chosen) if magnitude is not None else []
-            found.append([s.count(pass_no, magnitude) for s in wanted_here])  # type: ignore[arg-type]
+        found: list[list[torch.Tensor]] = []
+        for chosen, delta in zip(selectors, deltas(rows)):
+            if delta is None:
+                found.append([])
+                continue
+            magnitude = delta.abs_()
+            found.append([s.count(pass_no, magnitude) for s in wanted(pass_no, chosen)])
         return found
 
     if _looks_sparse(selectors, zeros(blocks[0]), blocks[0], tensor):

@@ -206,8 +206,8 @@ def disjoint_merge(
     for weight, delta in zip(weights, deltas):
         # s * (w d) is |w d| where w d agrees with s, <= 0 elsewhere: clamped, it is the
         # agreeing magnitude, summed exactly as the signed values would be
-        torch.mul(sign, weight, out=signed_weight)
-        torch.mul(delta, signed_weight, out=agreeing).clamp_(min=0)
+        signs = sign if weight == 1 else torch.mul(sign, weight, out=signed_weight)
+        torch.mul(delta, signs, out=agreeing).clamp_(min=0)
         merged.add_(agreeing)
         if divisor is not None:
             divisor.add_(agreeing.sign_(), alpha=weight)
