@@ -13,6 +13,7 @@ import json
 import os
 import struct
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,8 @@ class ShardWriter:
         self._sizes: list[int] = []
         self._fds: dict[int, int] = {}
         self._finished: list[int] = []
+        self._syncer: ThreadPoolExecutor | None = None
+        self._syncs: list[Future[None]] = []
         self._digests: dict[int, Any] = {}
         self._hashed: dict[int, int] = {}  # bytes hashed from the start; -1 once out of order
         self._layout(tensors)
@@ -102,10 +105,14 @@ class ShardWriter:
             raise _output_error(exc) from None
 
     def finish_shard(self, index: int) -> str | None:
-        """Mark one shard complete; return its sha256 when every byte was hashed in order.
-        Its file is flushed with the others by `close` (a finished shard's bytes are in
-        the page cache; `--resume` checks its hash before reusing it)."""
-        self._finished.append(self._fds.pop(index))
+        """Mark one shard complete and start flushing it on a background thread (the disk
+        writes overlap the math of the next shards; `close` waits for them); return its
+        sha256 when every byte was hashed in order."""
+        fd = self._fds.pop(index)
+        self._finished.append(fd)
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(max_workers=1)
+        self._syncs.append(self._syncer.submit(os.fsync, fd))
         if self._hashed.get(index) != self._sizes[index]:
             return None
         return self._digests[index].hexdigest()  # type: ignore[no-any-return]
@@ -150,21 +157,34 @@ class ShardWriter:
             self._hashed[shard] = -1
 
     def close(self) -> None:
-        """Flush and close every shard file."""
-        fds, self._fds = [*self._finished, *self._fds.values()], {}
-        self._finished = []
-        error: OSError | None = None
-        for fd in fds:
+        """Flush and close every shard file (waiting for the background flushes)."""
+        error = self._wait_syncs()
+        for fd in self._fds.values():
             try:
                 os.fsync(fd)
             except OSError as exc:
                 error = error or exc
-            os.close(fd)
+        self._close_all()
         if error is not None:
             raise _output_error(error)
 
     def abort(self) -> None:
         """Close without flushing (the folder is about to be removed)."""
+        self._wait_syncs()
+        self._close_all()
+
+    def _wait_syncs(self) -> OSError | None:
+        error = None
+        for future in self._syncs:
+            failed = future.exception()
+            if isinstance(failed, OSError):
+                error = error or failed
+        if self._syncer is not None:
+            self._syncer.shutdown()
+        self._syncs, self._syncer = [], None
+        return error
+
+    def _close_all(self) -> None:
         for fd in [*self._finished, *self._fds.values()]:
             os.close(fd)
         self._fds, self._finished = {}, []
