@@ -32,7 +32,7 @@ from mergecli.io.dtypes import CODE_TO_TORCH, ITEMSIZE, math_dtype
 from mergecli.io.reader import TensorReader
 from mergecli.io.source import LocalSource
 from mergecli.io.writer import ShardWriter
-from mergecli.methods.selection import Selection, Selector
+from mergecli.methods.selection import Selection, Selector, zero_count
 from mergecli.methods.spec import MergeArgs
 from mergecli.plan import InputRef, MergePlan, TensorPlan
 from mergecli.plan_vocab import source_model
@@ -206,7 +206,7 @@ def block_selections(
     base_ref = tensor.base
 
     def read(model: int, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
-        return reader.read(plan.models[model], name, rows).to(torch.float32)
+        return _load_checked(plan, model, name, reader, torch.float32, rows)
 
     def wanted(pass_no: int, chosen: list[Selector]) -> list[Selector]:
         return [s for s in chosen if (not s.settled if pass_no == 0 else s.second_pass())]
@@ -217,7 +217,7 @@ def block_selections(
             yield read(ref.model, ref.name, rows).sub_(base) if chosen else None
 
     def zeros(rows: tuple[int, int] | None) -> list[int]:
-        return [0 if d is None else d.numel() - int(torch.count_nonzero(d)) for d in deltas(rows)]
+        return [0 if d is None else zero_count(d) for d in deltas(rows)]
 
     def count(pass_no: int, rows: tuple[int, int] | None) -> list[list[torch.Tensor]]:
         found: list[list[torch.Tensor]] = []
@@ -285,7 +285,7 @@ def block_sums(
     index = {rows: j for j, rows in enumerate(blocks)}
 
     def one(rows: tuple[int, int] | None) -> tuple[list[list[list[float]]], list[Any]]:
-        loaded = [reader.read(plan.models[r.model], r.name, rows).to(work) for r in refs]
+        loaded = [_load_checked(plan, r.model, r.name, reader, work, rows) for r in refs]
         base = loaded.pop() if tensor.base else None
         offset = 0 if rows is None else rows[0] * tensor.row_numel
         args = MergeArgs(

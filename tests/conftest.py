@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from typer.testing import CliRunner
@@ -133,3 +134,19 @@ def chdir_tmp(tmp_path: Path) -> Iterator[Path]:
         yield tmp_path
     finally:
         os.chdir(old)
+
+
+def sparse_tune(base: Path, out: Path, seed: int, keep: float, clean_rows: int = 0) -> Path:
+    """`base` plus a task vector with a `keep` fraction of nonzero entries; the first
+    `clean_rows` rows of the embedding left unchanged (a misleading first block)."""
+    shutil.copytree(base, out)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = load_file(out / "model.safetensors")
+    for name, tensor in tensors.items():
+        mask = torch.rand(tensor.shape, generator=generator) < keep
+        delta = torch.randn(tensor.shape, generator=generator) * 0.01 * mask
+        if name == "model.embed_tokens.weight":
+            delta[:clean_rows] = 0
+        tensors[name] = tensor + delta
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out

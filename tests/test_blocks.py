@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file, save_file
 
-from conftest import write
+from conftest import sparse_tune, write
 from mergecli.cli._common import plan_recipe
 from mergecli.execute import row_blocks, run_plan
 from mergecli.methods.blocks import keep_selected, kth_largest, top_k_mask
@@ -134,22 +132,6 @@ def test_random_draws_of_a_block_equal_the_whole_tensors_draws() -> None:
     ]:
         assert torch.equal(uniform_draws(count, offset, 1, "t", 2), whole[offset : offset + count])
     assert not torch.equal(uniform_draws(10, 0, 1, "t", 3), whole[:10])
-
-
-def sparse_tune(base: Path, out: Path, seed: int, keep: float, clean_rows: int = 0) -> Path:
-    """`base` plus a task vector with a `keep` fraction of nonzero entries; the first
-    `clean_rows` rows of the embedding left unchanged (a misleading first block)."""
-    shutil.copytree(base, out)
-    generator = torch.Generator().manual_seed(seed)
-    tensors = load_file(out / "model.safetensors")
-    for name, tensor in tensors.items():
-        mask = torch.rand(tensor.shape, generator=generator) < keep
-        delta = torch.randn(tensor.shape, generator=generator) * 0.01 * mask
-        if name == "model.embed_tokens.weight":
-            delta[:clean_rows] = 0
-        tensors[name] = tensor + delta
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    return out
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from conftest import hub_cache_model, invoke, read_json, run_subprocess, write
+from conftest import hub_cache_model, invoke, read_json, run_subprocess, sparse_tune, write
+from mergecli.cli._common import plan_recipe
+from mergecli.execute import run_plan
 
 
 def state(folder: Path) -> dict[str, torch.Tensor]:
@@ -440,18 +442,23 @@ def test_overwrite_replaces_and_output_inside_input_is_refused(
     assert not (family["a"] / "merged").exists()
 
 
-def test_nan_in_an_input_names_tensor_and_model(
-    family: dict[str, Path], tmp_path: Path, runner: CliRunner
-) -> None:
+def nan_copy(source: Path, folder: Path, tensor: str) -> Path:
+    """A copy of the model in `source` with one NaN in `tensor`."""
     import shutil
 
     from safetensors.torch import save_file
 
-    folder = tmp_path / "nan"
-    shutil.copytree(family["b"], folder)
+    shutil.copytree(source, folder)
     tensors = load_file(str(folder / "model.safetensors"))
-    tensors["model.norm.weight"][3] = float("nan")
+    tensors[tensor].view(-1)[3] = float("nan")
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def test_nan_in_an_input_names_tensor_and_model(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
+    folder = nan_copy(family["b"], tmp_path / "nan", "model.norm.weight")
     recipe = write(
         tmp_path / "r.yaml",
         f"merge_method: linear\nmodels:\n  - model: {family['a']}\n    parameters: {{weight: 1}}\n"
@@ -460,6 +467,26 @@ def test_nan_in_an_input_names_tensor_and_model(
     code, _, err = invoke(runner, "run", str(recipe), "-o", str(tmp_path / "out"))
     assert code == 4
     assert f"tensor `model.norm.weight` of {folder} holds 1 NaN/Inf values" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_nan_found_by_the_statistics_pass_of_row_blocks(
+    family: dict[str, Path], tmp_path: Path, method: str
+) -> None:
+    from mergecli.errors import NumericsError
+
+    tensor = "model.embed_tokens.weight"
+    sparse = sparse_tune(family["base"], tmp_path / "sparse", 3, 0.1)  # settled by zero counts
+    folder = nan_copy(sparse, tmp_path / "nan", tensor)
+    text = (
+        f"merge_method: {method}\nbase_model: {family['base']}\n"
+        f"parameters: {{weight: 1, density: 0.5}}\nmodels:\n"
+        f"  - model: {sparse}\n  - model: {folder}\n"
+    )
+    plan = plan_recipe(write(tmp_path / "r.yaml", text))
+    with pytest.raises(NumericsError, match=rf"tensor `{tensor}` of {folder} holds 1 NaN/Inf"):
+        run_plan(plan, tmp_path / "out", text, block_elements=100)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 

@@ -145,6 +145,14 @@ class Selector:
         return Selection(threshold, max(0, min(here, missing - before)))
 
 
+def zero_count(values: torch.Tensor) -> int:
+    """How many entries of a float tensor are zero: the float32 sum of |sign| (three cheap
+    passes; exact below 2^24 entries), count_nonzero beyond (4x slower on CPU)."""
+    if values.numel() >= 1 << 24:
+        return values.numel() - int(torch.count_nonzero(values))
+    return values.numel() - int(values.abs().sign_().sum(dtype=torch.float32))
+
+
 def _bucket_start(bucket: int) -> int:
     """The smallest bit pattern in `bucket` (>= 1)."""
     return ((bucket - 1) << 16) + 1
