@@ -190,6 +190,11 @@ def _serial(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
     return [fn(item) for item in items]
 
 
+def block_numel(tensor: TensorPlan, rows: tuple[int, int] | None) -> int:
+    """Entries of `tensor`'s block `rows` (all of them for None)."""
+    return tensor.numel if rows is None else (rows[1] - rows[0]) * tensor.row_numel
+
+
 def block_selections(
     plan: MergePlan,
     tensor: TensorPlan,
@@ -256,7 +261,7 @@ def _looks_sparse(
     """Whether, judging by the first block, every model keeps all its nonzero entries with
     room to spare (then counting zeros may settle the thresholds without histograms; a
     wrong guess costs one cheap pass, never a different result)."""
-    size = tensor.numel if rows is None else (rows[1] - rows[0]) * tensor.row_numel
+    size = block_numel(tensor, rows)
     return (
         size > 0
         and any(selectors)
@@ -314,8 +319,7 @@ class _BitStore:
     (a DARE run peaked at 2.8 GB instead of 1.2 GB). Pages never written cost nothing."""
 
     def __init__(self, tensor: TensorPlan, blocks: Sequence[tuple[int, int] | None]) -> None:
-        sizes = [(tensor.numel if r is None else (r[1] - r[0]) * tensor.row_numel) for r in blocks]
-        packed = [(n + 7) // 8 for n in sizes]
+        packed = [(block_numel(tensor, rows) + 7) // 8 for rows in blocks]
         self.starts = [sum(packed[:j]) for j in range(len(packed))]
         self.models = [torch.empty(sum(packed), dtype=torch.uint8) for _ in tensor.inputs]
 
@@ -500,7 +504,7 @@ def job_bytes(plan: MergePlan, tensor: TensorPlan, rows: tuple[int, int] | None)
     """Estimated peak memory of computing `tensor` (or its `rows`): the method's measured
     float32 copies per input (`MethodSpec.peak_copies`), or COPY_OVERHEAD times the bytes of
     a copy."""
-    numel = tensor.numel if rows is None else (rows[1] - rows[0]) * tensor.row_numel
+    numel = block_numel(tensor, rows)
     if tensor.copy:
         return COPY_OVERHEAD * numel * ITEMSIZE[tensor.dtype]
     inputs = len(tensor.inputs) + (1 if tensor.base is not None else 0)

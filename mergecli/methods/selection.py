@@ -1,9 +1,11 @@
 """Exact top-k over a tensor seen in row blocks, so top-k methods can run block by block.
 
 A `Selector` finds the k-th largest magnitude in two passes over the blocks (a histogram of
-buckets of 2^16 float32 bit patterns, then of the patterns inside the chosen bucket) and tells each block which entries it keeps: every entry above the threshold, plus
-the first `equal` entries at the threshold in flat order, so that exactly k are kept over
-the tensor, the lowest flat indices first among ties, as `top_k_mask` does on the whole.
+buckets of 2^16 float32 bit patterns, then of the patterns inside the chosen bucket; a
+threshold among the zeros needs neither when the zeros are counted) and tells each block
+which entries it keeps: every entry above the threshold, plus the first `equal` entries at
+the threshold in flat order, so that exactly k are kept over the tensor, the lowest flat
+indices first among ties, as `top_k_mask` does on the whole.
 """
 
 from __future__ import annotations
