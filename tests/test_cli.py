@@ -137,3 +137,11 @@ def test_plan_table(runner: CliRunner) -> None:
     assert "model.layers.5.mlp.up_proj.weight" in out
     assert "predicted peak memory" in out
     assert "layers: 4 in the base/first model -> 6 in the output" in out
+
+
+def test_exit_codes_of_the_console_entry_point(capsys: pytest.CaptureFixture[str]) -> None:
+    from mergecli.cli import _exit_code
+
+    assert (_exit_code(None), _exit_code(0), _exit_code(5)) == (0, 0, 5)
+    assert _exit_code("cannot go on") == 1
+    assert capsys.readouterr().err == "cannot go on\n"
