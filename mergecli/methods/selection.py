@@ -128,6 +128,7 @@ class Selector:
         threshold = 0.0
         if bucket != 0:
             lows = [low for low in self.lows if low is not None]
+            assert len(lows) == len(self.lows), "the second pass counts every block"
             if self._total is None:
                 self._total = torch.zeros(LOW_BUCKETS, dtype=torch.int64)
                 for low in lows:
