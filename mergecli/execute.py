@@ -234,8 +234,9 @@ def block_selections(
             found.append([s.count(pass_no, magnitude) for s in wanted(pass_no, chosen)])
         return found
 
-    if _looks_sparse(selectors, zeros(blocks[0]), blocks[0], tensor):
-        per_block = list(map_blocks(zeros, blocks))
+    first = zeros(blocks[0])
+    if _looks_sparse(selectors, first, blocks[0], tensor):
+        per_block = [first, *map_blocks(zeros, blocks[1:])]
         for i, chosen in enumerate(selectors):
             for selector in chosen:
                 selector.settle_zeros([z[i] for z in per_block])

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mergecli.methods.selection import Selection, select_mask, whole_selection
+from mergecli.methods.selection import Selection, select_mask, tied_kept, whole_selection
 
 
 def keep_count(numel: int, density: float) -> int:
@@ -77,9 +77,8 @@ def keep_selected(delta: torch.Tensor, selection: Selection) -> torch.Tensor:
     # |d| > t kept, others 0, sign restored: three float passes, no boolean arithmetic
     kept = torch.copysign(F.threshold(delta.abs(), selection.threshold, 0.0), delta)
     if selection.equal > 0:
-        flat, tied = kept.reshape(-1), torch.nonzero(delta.reshape(-1).abs() == selection.threshold)
-        index = tied.reshape(-1)[: selection.equal]
-        flat[index] = delta.reshape(-1)[index]
+        index = tied_kept(delta.abs(), selection)
+        kept.reshape(-1)[index] = delta.reshape(-1)[index]
     return kept
 
 

@@ -38,9 +38,15 @@ def select_mask(magnitude: torch.Tensor, selection: Selection) -> torch.Tensor:
     flat = magnitude.reshape(-1)
     mask = flat > selection.threshold
     if selection.equal > 0:
-        tied = torch.nonzero(flat == selection.threshold).reshape(-1)[: selection.equal]
-        mask[tied] = True
+        mask[tied_kept(flat, selection)] = True
     return mask.reshape(magnitude.shape)
+
+
+def tied_kept(magnitude: torch.Tensor, selection: Selection) -> torch.Tensor:
+    """Flat indices of the entries at the threshold that `selection` keeps: the first
+    `equal` of them in flat order."""
+    flat = magnitude.reshape(-1)
+    return torch.nonzero(flat == selection.threshold).reshape(-1)[: selection.equal]
 
 
 class Selector:
