@@ -120,18 +120,64 @@ def test_blockwise_selection_equals_whole_tensor_top_k(data: st.DataObject) -> N
         assert torch.equal(torch.cat(masks).reshape(-1), expected)
 
 
-def test_random_draws_of_a_block_equal_the_whole_tensors_draws() -> None:
-    from mergecli.methods.blocks import DRAW_CHUNK, uniform_draws
+@pytest.mark.parametrize("kind", ["bits", "uniform"])
+def test_random_draws_of_a_block_equal_the_whole_tensors_draws(kind: str) -> None:
+    from mergecli.methods.blocks import DRAW_CHUNK, random_bits, uniform_draws
 
-    whole = uniform_draws(3 * DRAW_CHUNK + 5, 0, 1, "t", 2)
+    draw = random_bits if kind == "bits" else uniform_draws
+    whole = draw(3 * DRAW_CHUNK + 5, 0, 1, "t", 2)
     for offset, count in [
         (0, 7),
+        (3, 1),
         (DRAW_CHUNK - 3, 10),
         (5, 2 * DRAW_CHUNK),
         (2 * DRAW_CHUNK + 1, DRAW_CHUNK + 4),
+        (DRAW_CHUNK, 1),
     ]:
-        assert torch.equal(uniform_draws(count, offset, 1, "t", 2), whole[offset : offset + count])
-    assert not torch.equal(uniform_draws(10, 0, 1, "t", 3), whole[:10])
+        assert torch.equal(draw(count, offset, 1, "t", 2), whole[offset : offset + count])
+    assert not torch.equal(draw(10, 0, 1, "t", 3), whole[:10])
+    assert draw(0, 9, 1, "t", 2).numel() == 0
+
+
+def test_random_bits_are_24_bit_uniform_and_uniform_draws_are_them_over_2_24() -> None:
+    from mergecli.methods.blocks import random_bits, uniform_draws
+
+    n = 1 << 20
+    bits = random_bits(n, 0, 4, "w", 0)
+    assert bits.dtype == torch.int32 and 0 <= int(bits.min()) and int(bits.max()) < 1 << 24
+    # every bit of a draw is fair (both halves of the generator's words are used):
+    # 5 standard deviations of a fair coin over n draws is 5 * 0.5 / sqrt(n) = 0.0024
+    for bit in range(24):
+        share = float(((bits >> bit) & 1).double().mean())
+        assert abs(share - 0.5) < 0.0025, (bit, share)
+    # consecutive draws (the two halves of one word) are uncorrelated
+    pairs = bits.double().reshape(-1, 2) / (1 << 24) - 0.5
+    assert abs(float((pairs[:, 0] * pairs[:, 1]).mean())) < 5 / 12 / (n / 2) ** 0.5
+    expected = bits.double() / (1 << 24)
+    assert torch.equal(uniform_draws(n, 0, 4, "w", 0).double(), expected)
+
+
+@pytest.mark.parametrize("density", [0.3, 0.5, 5033165 / (1 << 24), 5033165.5 / (1 << 24), 0.0])
+def test_dare_mask_keeps_exactly_the_draws_below_density(density: float) -> None:
+    from mergecli.methods.blocks import dare_mask, random_bits
+
+    bits = random_bits(1 << 18, 0, 2, "m", 1)
+    bits[:3] = torch.tensor([5033164, 5033165, 5033166], dtype=torch.int32)
+    expected = (bits.double() / (1 << 24) < density).to(torch.float32)
+    got = dare_mask(bits.clone(), density)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+def test_pack_bits_round_trips_a_mask(numel: int, dtype: torch.dtype) -> None:
+    from mergecli.methods.blocks import pack_bits, unpack_bits
+
+    mask = (torch.rand(numel, generator=torch.Generator().manual_seed(numel)) < 0.4).to(dtype)
+    packed = pack_bits(mask.reshape(-1, 1) if numel % 2 else mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == (numel + 7) // 8
+    unpacked = unpack_bits(packed, numel)
+    assert unpacked.dtype == torch.float32 and torch.equal(unpacked, mask.to(torch.float32))
 
 
 @pytest.mark.parametrize(

@@ -91,11 +91,12 @@ def rescale_l1(
     return kept.mul_(before / after) if before >= 1e-8 and after >= 1e-8 else kept
 
 
-def dare_mask(draws: torch.Tensor, density: float) -> torch.Tensor:
-    """DARE's keep mask, 1.0 where the uniform draw is < `density` and 0.0 elsewhere, made
-    in place of `draws` as clamp(sign(density - draw), 0): float passes, no boolean
-    arithmetic (density - draw is exact near zero, so its sign is the comparison)."""
-    return draws.neg_().add_(density).sign_().clamp_(min=0)
+def dare_mask(bits: torch.Tensor, density: float) -> torch.Tensor:
+    """DARE's keep mask from `random_bits`: 1.0 where the uniform draw bits / 2^24 is <
+    `density` (exactly: bits < ceil(density 2^24)) and 0.0 elsewhere, made in place of
+    `bits` as clamp(T - bits, 0, 1): integer passes, no boolean arithmetic."""
+    threshold = math.ceil(density * DRAW_SCALE)
+    return bits.neg_().add_(threshold).clamp_(0, 1).to(torch.float32)
 
 
 def dare_keep(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -105,12 +106,12 @@ def dare_keep(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """A 0/1 (or bool) mask as flat packed bits (numpy.packbits order), 1/32 of its bytes."""
-    return torch.from_numpy(np.packbits(mask.reshape(-1).to(torch.uint8).cpu().numpy()))
+    return torch.from_numpy(np.packbits(mask.reshape(-1).cpu().numpy() != 0))
 
 
 def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """The flat float32 0/1 mask of `numel` entries that `pack_bits` packed."""
-    return torch.from_numpy(np.unpackbits(packed.numpy(), count=numel)).to(torch.float32)
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=numel).astype(np.float32))
 
 
 def dare_drop(
@@ -148,25 +149,33 @@ def exact_total(parts: Sequence[torch.Tensor]) -> float:
 
 
 DRAW_CHUNK = 1 << 16
+DRAW_SCALE = 1 << 24
+
+
+def random_bits(count: int, offset: int, seed: int, name: str, model: int) -> torch.Tensor:
+    """Uniform int32 draws in [0, 2^24) for the flat entries [offset, offset + count) of
+    tensor `name`: every chunk of DRAW_CHUNK entries has its own generator (seed, name,
+    model, chunk), so a block of rows gets the same draws as the whole tensor has there (a
+    block starting inside a chunk draws that chunk's earlier entries too: chunks are small).
+    Each 63-bit word the generator gives is two draws, the low 24 bits of its two halves
+    (a word costs about as much as one float draw)."""
+    if count == 0:
+        return torch.empty(0, dtype=torch.int32)
+    first, end = offset // DRAW_CHUNK, offset + count
+    start = first * DRAW_CHUNK
+    words = torch.empty((end - start + 1) // 2, dtype=torch.int64)
+    for chunk in range(first, (end - 1) // DRAW_CHUNK + 1):
+        low = (chunk * DRAW_CHUNK - start) // 2
+        high = (min(end, (chunk + 1) * DRAW_CHUNK) - start + 1) // 2
+        words[low:high].random_(generator=generator_for(seed, f"{name}\0{chunk}", model))
+    draws = words.view(torch.int32)[offset - start : end - start]
+    return draws.bitwise_and_(DRAW_SCALE - 1)
 
 
 def uniform_draws(count: int, offset: int, seed: int, name: str, model: int) -> torch.Tensor:
-    """Uniform [0, 1) float32 draws for the flat entries [offset, offset + count) of tensor
-    `name`: every chunk of DRAW_CHUNK entries has its own generator (seed, name, model,
-    chunk), so a block of rows gets the same draws as the whole tensor has there (a block
-    starting inside a chunk draws that chunk's earlier entries too: chunks are small)."""
-    out = torch.empty(count, dtype=torch.float32)
-    end, position = offset + count, 0
-    for chunk in range(offset // DRAW_CHUNK, (end - 1) // DRAW_CHUNK + 1 if count else 0):
-        low = max(offset, chunk * DRAW_CHUNK) - chunk * DRAW_CHUNK
-        high = min(end, (chunk + 1) * DRAW_CHUNK) - chunk * DRAW_CHUNK
-        generator = generator_for(seed, f"{name}\0{chunk}", model)
-        if low == 0:
-            torch.rand(high, generator=generator, out=out[position : position + high])
-        else:
-            out[position : position + high - low] = torch.rand(high, generator=generator)[low:]
-        position += high - low
-    return out
+    """Uniform [0, 1) float32 draws (multiples of 2^-24) for the flat entries
+    [offset, offset + count) of tensor `name`: `random_bits` / 2^24."""
+    return random_bits(count, offset, seed, name, model).to(torch.float32).mul_(1 / DRAW_SCALE)
 
 
 def breadcrumbs_mask(magnitude: torch.Tensor, density: float, gamma: float) -> torch.Tensor:

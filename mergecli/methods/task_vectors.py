@@ -24,6 +24,7 @@ from mergecli.methods.blocks import (
     magnitude_sparsify,
     magprune,
     pack_bits,
+    random_bits,
     row_sums,
     top_k_mask,
     uniform_draws,
@@ -92,8 +93,8 @@ def _dare_kept(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
 
 
 def _dare_mask(args: MergeArgs, i: int, numel: int) -> torch.Tensor:
-    draws = uniform_draws(numel, args.offset, args.seed, args.name, i)
-    return dare_mask(draws, float(args.per_model[i]["density"]))
+    bits = random_bits(numel, args.offset, args.seed, args.name, i)
+    return dare_mask(bits, float(args.per_model[i]["density"]))
 
 
 def _dare_sums(args: MergeArgs) -> BlockSums:
