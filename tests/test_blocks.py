@@ -144,7 +144,7 @@ def test_random_bits_are_24_bit_uniform_and_uniform_draws_are_them_over_2_24() -
 
     n = 1 << 20
     bits = random_bits(n, 0, 4, "w", 0)
-    assert bits.dtype == torch.int32 and 0 <= int(bits.min()) and int(bits.max()) < 1 << 24
+    assert bits.dtype == torch.int32 and int(bits.min()) >= 0 and int(bits.max()) < 1 << 24
     # every bit of a draw is fair (both halves of the generator's words are used):
     # 5 standard deviations of a fair coin over n draws is 5 * 0.5 / sqrt(n) = 0.0024
     for bit in range(24):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -173,3 +174,43 @@ def test_finished_shards_are_hashed_as_written(tmp_path: Path) -> None:
     assert out_of_order is None
     with safe_open(str(tmp_path / names[1]), framework="pt") as handle:
         assert torch.equal(handle.get_tensor("t3"), tensors["t3"])
+
+
+def test_written_bytes_are_flushed_every_flush_bytes_and_errors_reach_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergecli.errors import OutputError
+    from mergecli.io import writer as writer_module
+
+    flushed: list[tuple[int, int]] = []  # (fd, file size when flushed)
+
+    def record(fd: int) -> None:
+        flushed.append((fd, os.fstat(fd).st_size))
+
+    monkeypatch.setattr(writer_module, "FLUSH_BYTES", 400)
+    monkeypatch.setattr(writer_module, "_datasync", record)
+    tensors = {f"t{i}": torch.full((50,), float(i)) for i in range(5)}  # 200 bytes each
+    placed, names = assign_shards(plan_of(tensors), 10**6)
+    writer = ShardWriter(tmp_path, names, placed)
+    writer.open()
+    for name, tensor in tensors.items():
+        writer.write(name, tensor)
+        for future in list(writer._syncs):  # each flush done before the next write
+            future.result()
+    writer.close()
+    # 1000 bytes in steps of 200: a flush after 400 and after 800, none for the tail
+    assert len(flushed) == 2
+    with safe_open(str(tmp_path / names[0]), framework="pt") as handle:
+        assert all(torch.equal(handle.get_tensor(k), t) for k, t in tensors.items())
+
+    def fail(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer_module, "_datasync", fail)
+    failing = ShardWriter(tmp_path / "x", names, placed)
+    (tmp_path / "x").mkdir()
+    failing.open()
+    for name, tensor in tensors.items():
+        failing.write(name, tensor)
+    with pytest.raises(OutputError, match="disk full"):
+        failing.close()

@@ -23,6 +23,9 @@ import torch
 from mergecli.errors import OutputError
 from mergecli.io.dtypes import CODE_TO_TORCH
 
+FLUSH_BYTES = 64 << 20
+_datasync = getattr(os, "fdatasync", os.fsync)
+
 
 @dataclass(frozen=True)
 class TensorSlot:
@@ -55,6 +58,8 @@ class ShardWriter:
         self._finished: list[int] = []
         self._syncer: ThreadPoolExecutor | None = None
         self._syncs: list[Future[None]] = []
+        self._unflushed: dict[int, int] = {}
+        self._flushing: dict[int, Future[None]] = {}
         self._digests: dict[int, Any] = {}
         self._hashed: dict[int, int] = {}  # bytes hashed from the start; -1 once out of order
         self._layout(tensors)
@@ -110,9 +115,7 @@ class ShardWriter:
         sha256 when every byte was hashed in order."""
         fd = self._fds.pop(index)
         self._finished.append(fd)
-        if self._syncer is None:
-            self._syncer = ThreadPoolExecutor(max_workers=1)
-        self._syncs.append(self._syncer.submit(os.fsync, fd))
+        self._sync(os.fsync, fd)
         if self._hashed.get(index) != self._sizes[index]:
             return None
         return self._digests[index].hexdigest()  # type: ignore[no-any-return]
@@ -137,6 +140,25 @@ class ShardWriter:
         slot, data = self._bytes(name, tensor, byte_offset)
         if data.nbytes:
             self._hash(slot.shard, slot.offset + byte_offset, data.data)
+            self._flush_early(slot.shard, data.nbytes)
+
+    def _flush_early(self, shard: int, nbytes: int) -> None:
+        # the kernel holds written pages until `close` unless they pass its dirty limits
+        # (10% of RAM), so the run would end waiting for the whole shard to reach the
+        # disk: every FLUSH_BYTES, the pages so far are flushed in the background
+        self._unflushed[shard] = self._unflushed.get(shard, 0) + nbytes
+        running = self._flushing.get(shard)
+        if self._unflushed[shard] < FLUSH_BYTES or (running is not None and not running.done()):
+            return
+        self._unflushed[shard] = 0
+        self._flushing[shard] = self._sync(_datasync, self._fds[shard])
+
+    def _sync(self, flush: Any, fd: int) -> Future[None]:
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(max_workers=1)
+        future = self._syncer.submit(flush, fd)
+        self._syncs.append(future)
+        return future
 
     def _bytes(self, name: str, tensor: torch.Tensor, byte_offset: int) -> tuple[TensorSlot, Any]:
         slot = self.slots[name]
