@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -120,12 +122,10 @@ def test_blockwise_selection_equals_whole_tensor_top_k(data: st.DataObject) -> N
         assert torch.equal(torch.cat(masks).reshape(-1), expected)
 
 
-@pytest.mark.parametrize("kind", ["bits", "uniform"])
-def test_random_draws_of_a_block_equal_the_whole_tensors_draws(kind: str) -> None:
-    from mergecli.methods.blocks import DRAW_CHUNK, random_bits, uniform_draws
+def test_random_draws_of_a_block_equal_the_whole_tensors_draws() -> None:
+    from mergecli.methods.blocks import DRAW_CHUNK, bernoulli_keep
 
-    draw = random_bits if kind == "bits" else uniform_draws
-    whole = draw(3 * DRAW_CHUNK + 5, 0, 1, "t", 2)
+    whole = bernoulli_keep(3 * DRAW_CHUNK + 5, 0, 1, "t", 2, 0.37)
     for offset, count in [
         (0, 7),
         (3, 1),
@@ -134,38 +134,74 @@ def test_random_draws_of_a_block_equal_the_whole_tensors_draws(kind: str) -> Non
         (2 * DRAW_CHUNK + 1, DRAW_CHUNK + 4),
         (DRAW_CHUNK, 1),
     ]:
-        assert torch.equal(draw(count, offset, 1, "t", 2), whole[offset : offset + count])
-    assert not torch.equal(draw(10, 0, 1, "t", 3), whole[:10])
-    assert draw(0, 9, 1, "t", 2).numel() == 0
+        got = bernoulli_keep(count, offset, 1, "t", 2, 0.37)
+        assert (got == whole[offset : offset + count]).all()
+    assert not (bernoulli_keep(100, 0, 1, "t", 3, 0.37) == whole[:100]).all()
+    assert bernoulli_keep(0, 9, 1, "t", 2, 0.37).size == 0
+    with pytest.raises(ValueError, match="whole tensor"):
+        bernoulli_keep(4, 8, 1, "t", 2, np.full(4, 0.5))
 
 
-def test_random_bits_are_24_bit_uniform_and_uniform_draws_are_them_over_2_24() -> None:
-    from mergecli.methods.blocks import random_bits, uniform_draws
+def _first_bytes(seed: int, name: str, model: int, chunks: int) -> np.ndarray:
+    """The first byte of every entry as the generators give them: the bytes of their words."""
+    from mergecli.methods.blocks import DRAW_CHUNK, generator_for
 
-    n = 1 << 20
-    bits = random_bits(n, 0, 4, "w", 0)
-    assert bits.dtype == torch.int32 and int(bits.min()) >= 0 and int(bits.max()) < 1 << 24
-    # every bit of a draw is fair (both halves of the generator's words are used):
-    # 5 standard deviations of a fair coin over n draws is 5 * 0.5 / sqrt(n) = 0.0024
-    for bit in range(24):
-        share = float(((bits >> bit) & 1).double().mean())
-        assert abs(share - 0.5) < 0.0025, (bit, share)
-    # consecutive draws (the two halves of one word) are uncorrelated
-    pairs = bits.double().reshape(-1, 2) / (1 << 24) - 0.5
-    assert abs(float((pairs[:, 0] * pairs[:, 1]).mean())) < 5 / 12 / (n / 2) ** 0.5
-    expected = bits.double() / (1 << 24)
-    assert torch.equal(uniform_draws(n, 0, 4, "w", 0).double(), expected)
+    out = []
+    for chunk in range(chunks):
+        words = torch.empty(DRAW_CHUNK // 8, dtype=torch.int64)  # 64 random bits each
+        words.random_(-(2**63), None, generator=generator_for(seed, f"{name}\0{chunk}", model))
+        out.append(words.numpy().view(np.uint8))
+    return np.concatenate(out)
 
 
-@pytest.mark.parametrize("density", [0.3, 0.5, 5033165 / (1 << 24), 5033165.5 / (1 << 24), 0.0])
-def test_dare_mask_keeps_exactly_the_draws_below_density(density: float) -> None:
-    from mergecli.methods.blocks import dare_mask, random_bits
+@pytest.mark.parametrize("p", [0.3, 77 / 256, 0.0, 1.0, 1 - 2.0**-40, 2.0**-30])
+def test_bernoulli_keep_is_decided_by_the_first_byte_except_on_ties(p: float) -> None:
+    from mergecli.methods.blocks import DRAW_CHUNK, bernoulli_keep
 
-    bits = random_bits(1 << 18, 0, 2, "m", 1)
-    bits[:3] = torch.tensor([5033164, 5033165, 5033166], dtype=torch.int32)
-    expected = (bits.double() / (1 << 24) < density).to(torch.float32)
-    got = dare_mask(bits.clone(), density)
-    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    n = 16 * DRAW_CHUNK
+    keep = bernoulli_keep(n, 0, 4, "w", 0, p)
+    first = _first_bytes(4, "w", 0, 16).astype(np.int64)
+    level = math.floor(p * 256)
+    assert (keep[first < level]).all() and not (keep[first > level]).any()
+    ties = keep[first == level]
+    rest = p * 256 - level
+    if rest == 0:
+        assert not ties.any()  # U = b/256 + ... >= p exactly when b = 256 p
+    else:  # a tie is kept with probability `rest`: within 5 standard deviations
+        assert abs(ties.mean() - rest) <= 5 * math.sqrt(rest * (1 - rest) / ties.size) + 1e-12
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(keep.mean() - p) <= 5 * sigma + 1e-12
+
+
+def test_bernoulli_keep_takes_one_probability_per_entry() -> None:
+    from mergecli.methods.blocks import bernoulli_keep
+
+    n = 300_000
+    probability = np.resize([0.0, 1.0, 0.25, 0.8], n)
+    keep = bernoulli_keep(n, 0, 7, "d", 1, probability)
+    assert not keep[probability == 0].any() and keep[probability == 1].all()
+    for p in (0.25, 0.8):
+        share = keep[probability == p].mean()
+        assert abs(share - p) <= 5 * math.sqrt(p * (1 - p) / (n / 4))
+    scalar = bernoulli_keep(n, 0, 7, "d", 1, 0.25)  # 256 * 0.25 is whole: ties draw nothing
+    assert (keep[probability == 0.25] == scalar[probability == 0.25]).all()
+
+
+@pytest.mark.parametrize("fraction", [0.75, 0.25, 0.0])
+def test_a_tie_on_32_more_bits_draws_32_more(fraction: float) -> None:
+    from mergecli.methods.blocks import _settle_ties, generator_for
+
+    def low_words(count: int) -> list[int]:
+        words = torch.empty(count, dtype=torch.int64)
+        words.random_(-(2**63), None, generator=generator_for(1, "z", 0))
+        return [int(w) & 0xFFFFFFFF for w in words]
+
+    first, second = low_words(2)
+    rest = (first + fraction) / 2.0**32  # the first 32 bits tie with it exactly
+    keep = np.zeros(4, dtype=bool)
+    _settle_ties(keep, [generator_for(1, "z", 0)], np.array([2]), np.array([rest]))
+    assert keep[2] == (second < math.floor(fraction * 2.0**32))  # fraction 0: dropped
+    assert keep.sum() == keep[2]
 
 
 @pytest.mark.parametrize("numel", [1, 7, 8, 9, 1000])

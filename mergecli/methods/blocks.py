@@ -91,22 +91,15 @@ def rescale_l1(
     return kept.mul_(before / after) if before >= 1e-8 and after >= 1e-8 else kept
 
 
-def dare_mask(bits: torch.Tensor, density: float) -> torch.Tensor:
-    """DARE's keep mask from `random_bits`: 1.0 where the uniform draw bits / 2^24 is <
-    `density` (exactly: bits < ceil(density 2^24)) and 0.0 elsewhere, made in place of
-    `bits` as clamp(T - bits, 0, 1): integer passes, no boolean arithmetic."""
-    threshold = math.ceil(density * DRAW_SCALE)
-    return bits.neg_().add_(threshold).clamp_(0, 1).to(torch.float32)
-
-
 def dare_keep(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`delta` with the entries where the 0/1 `mask` is 0 zeroed."""
-    return delta * mask.reshape(delta.shape).to(delta.device)
+    """`delta` with the entries where the 0/1 (or bool) `mask` is 0 zeroed."""
+    return delta * mask.reshape(delta.shape).to(delta.device, delta.dtype)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """A 0/1 (or bool) mask as flat packed bits (numpy.packbits order), 1/32 of its bytes."""
-    return torch.from_numpy(np.packbits(mask.reshape(-1).cpu().numpy() != 0))
+    values = mask.reshape(-1).cpu().numpy()
+    return torch.from_numpy(np.packbits(values if values.dtype == np.bool_ else values != 0))
 
 
 def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
@@ -149,33 +142,85 @@ def exact_total(parts: Sequence[torch.Tensor]) -> float:
 
 
 DRAW_CHUNK = 1 << 16
-DRAW_SCALE = 1 << 24
 
 
-def random_bits(count: int, offset: int, seed: int, name: str, model: int) -> torch.Tensor:
-    """Uniform int32 draws in [0, 2^24) for the flat entries [offset, offset + count) of
-    tensor `name`: every chunk of DRAW_CHUNK entries has its own generator (seed, name,
-    model, chunk), so a block of rows gets the same draws as the whole tensor has there (a
-    block starting inside a chunk draws that chunk's earlier entries too: chunks are small).
-    Each 63-bit word the generator gives is two draws, the low 24 bits of its two halves
-    (a word costs about as much as one float draw)."""
+def bernoulli_keep(
+    count: int, offset: int, seed: int, name: str, model: int, probability: float | np.ndarray
+) -> np.ndarray:
+    """Exact Bernoulli draws, True with probability `probability` (a float, or one per
+    entry from offset 0), for the flat entries [offset, offset + count) of tensor `name`.
+
+    Each entry compares a uniform U with p one byte at a time: its first byte b decides
+    b < floor(256 p) (keep) or b > floor(256 p) (drop); only on a tie (1 in 256) are more
+    bits drawn, 32 at a time, until they differ from p's (`_settle_ties`). So a draw costs
+    an eighth of a 64-bit generator word, and P(keep) is p exactly, not p rounded to a grid.
+    Every chunk of DRAW_CHUNK entries has its own generator (seed, name, model, chunk) that
+    gives the first bytes of the whole chunk, then the tie bits in entry order, so a block
+    of rows gets the same draws as the whole tensor has there.
+    """
     if count == 0:
-        return torch.empty(0, dtype=torch.int32)
-    first, end = offset // DRAW_CHUNK, offset + count
-    start = first * DRAW_CHUNK
-    words = torch.empty((end - start + 1) // 2, dtype=torch.int64)
-    for chunk in range(first, (end - 1) // DRAW_CHUNK + 1):
-        low = (chunk * DRAW_CHUNK - start) // 2
-        high = (min(end, (chunk + 1) * DRAW_CHUNK) - start + 1) // 2
-        words[low:high].random_(generator=generator_for(seed, f"{name}\0{chunk}", model))
-    draws = words.view(torch.int32)[offset - start : end - start]
-    return draws.bitwise_and_(DRAW_SCALE - 1)
+        return np.zeros(0, dtype=bool)
+    first = offset // DRAW_CHUNK
+    chunks = (offset + count - 1) // DRAW_CHUNK - first + 1
+    words = torch.empty(chunks * DRAW_CHUNK // 8, dtype=torch.int64)
+    generators = [generator_for(seed, f"{name}\0{first + j}", model) for j in range(chunks)]
+    for j, generator in enumerate(generators):
+        _full_words(words[j * DRAW_CHUNK // 8 : (j + 1) * DRAW_CHUNK // 8], generator)
+    keep, ties, rest = _first_bytes(words.numpy().view(np.uint8), probability, count, offset)
+    _settle_ties(keep, generators, ties, rest)
+    start = offset - first * DRAW_CHUNK
+    return keep[start : start + count]
 
 
-def uniform_draws(count: int, offset: int, seed: int, name: str, model: int) -> torch.Tensor:
-    """Uniform [0, 1) float32 draws (multiples of 2^-24) for the flat entries
-    [offset, offset + count) of tensor `name`: `random_bits` / 2^24."""
-    return random_bits(count, offset, seed, name, model).to(torch.float32).mul_(1 / DRAW_SCALE)
+def _full_words(out: torch.Tensor, generator: torch.Generator) -> None:
+    """Fill int64 `out` with 64 random bits per entry (the default range has 63)."""
+    out.random_(-(2**63), None, generator=generator)
+
+
+def _first_bytes(
+    draws: np.ndarray, probability: float | np.ndarray, count: int, offset: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Compare each entry's first byte with floor(256 p): the keep mask so far, the flat
+    places of the ties, and the rest of 256 p there."""
+    scaled = np.asarray(probability, dtype=np.float64) * 256
+    if scaled.ndim == 0:
+        level = math.floor(float(scaled))
+        if level >= 256:
+            return np.ones(draws.size, dtype=bool), np.zeros(0, dtype=np.int64), np.zeros(0)
+        byte = np.uint8(level)
+        ties = np.flatnonzero(draws == byte)
+        return draws < byte, ties, np.full(ties.size, float(scaled) - level)
+    if offset != 0:
+        raise ValueError("per-entry probabilities are drawn for a whole tensor only")
+    padded = np.pad(scaled.reshape(-1), (0, draws.size - count))
+    levels = np.floor(padded)
+    ties = np.flatnonzero(draws == levels)
+    return draws < levels, ties, (padded - levels)[ties]
+
+
+def _settle_ties(
+    keep: np.ndarray, generators: Sequence[torch.Generator], ties: np.ndarray, rest: np.ndarray
+) -> None:
+    """Decide the entries (flat places `ties`) whose first byte equalled p's: keep iff
+    U' < `rest` (the rest of 256 p) for a fresh uniform U', read 32 bits per round from
+    each entry's chunk generator in entry order. A rest of 0 cannot be beaten: dropped."""
+    edges = np.arange(len(generators) + 1) * DRAW_CHUNK
+    while True:
+        live = rest > 0
+        ties, rest = ties[live], rest[live]
+        if not ties.size:
+            return
+        words = torch.empty(ties.size, dtype=torch.int64)
+        bounds = np.searchsorted(ties, edges)
+        for j, generator in enumerate(generators):
+            if bounds[j + 1] > bounds[j]:
+                _full_words(words[bounds[j] : bounds[j + 1]], generator)
+        bits = words.numpy() & 0xFFFFFFFF
+        scaled = rest * 2.0**32
+        levels = np.floor(scaled)
+        keep[ties[bits < levels]] = True
+        tied = bits == levels
+        ties, rest = ties[tied], (scaled - levels)[tied]
 
 
 def breadcrumbs_mask(magnitude: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -243,28 +288,31 @@ def generator_for(seed: int, tensor_name: str, model_index: int = 0) -> torch.Ge
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def magprune(
-    delta: torch.Tensor,
-    density: float,
-    epsilon: float,
-    draws: torch.Tensor,
-    rescale: bool,
-    mode: str,
-) -> torch.Tensor:
-    """DELLA MagPrune: per row, keep an entry with probability (k - eps) + 2 eps * rank / (m - 1)
-    (rank 0 for the smallest magnitude, ties by index); rescale by L1 norm or by 1/p per entry."""
+def magprune_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA MagPrune's keep probabilities (float64, one per entry of `delta`): per row,
+    (density - eps) + 2 eps * rank / (m - 1), rank 0 for the smallest magnitude, ties by
+    index."""
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(-1, delta.shape[-1])
     m = rows.shape[-1]
     order = torch.argsort(rows.abs(), dim=-1, stable=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(m, device=rows.device).expand_as(order))
-    spread = ranks.to(rows.dtype) / (m - 1) if m > 1 else torch.zeros_like(rows)
-    probs = (density - epsilon) + 2 * epsilon * spread
-    keep = draws.reshape(rows.shape).to(rows.device) < probs
-    kept = rows * keep
-    if rescale:
-        kept = rescale_l1(rows, kept) if mode == "l1" else kept / probs
-    return kept.reshape(delta.shape)
+    spread = ranks.double() / (m - 1) if m > 1 else torch.zeros(rows.shape, dtype=torch.float64)
+    return ((density - epsilon) + 2 * epsilon * spread).reshape(delta.shape)
+
+
+def magprune(
+    delta: torch.Tensor, probs: torch.Tensor, keep: torch.Tensor, rescale: bool, mode: str
+) -> torch.Tensor:
+    """DELLA MagPrune: the entries of `delta` drawn to be kept (`keep`, drawn with
+    `probs` from `magprune_probabilities`), rescaled by L1 norm or by 1/p per entry."""
+    kept = delta * keep.reshape(delta.shape).to(delta.device, delta.dtype)
+    if not rescale:
+        return kept
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(-1, delta.shape[-1])
+    if mode == "l1":
+        return rescale_l1(rows, kept.reshape(rows.shape)).reshape(delta.shape)
+    return kept.div_(probs.to(delta.device, delta.dtype))
 
 
 def exact_quantile(values: torch.Tensor, q: float) -> float:
