@@ -54,7 +54,7 @@ TOKENIZER_FILES = (
 )
 Progress = Callable[[TensorPlan], None]
 MASKS_FILE = "masks.safetensors"
-BLOCK_ELEMENTS = 1 << 20
+BLOCK_ELEMENTS = 1 << 19
 PIPELINE_JOBS = 2
 PIPELINE_BYTES = 1 << 30
 LOOKAHEAD = 2
