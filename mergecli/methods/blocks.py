@@ -91,9 +91,11 @@ def rescale_l1(
     return kept.mul_(before / after) if before >= 1e-8 and after >= 1e-8 else kept
 
 
-def dare_keep(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`delta` with the entries where the 0/1 (or bool) `mask` is 0 zeroed."""
-    return delta * mask.reshape(delta.shape).to(delta.device, delta.dtype)
+def dare_keep(delta: torch.Tensor, mask: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """`delta` with the entries where the 0/1 (or bool) `mask` is 0 zeroed (in `delta`
+    itself if `in_place`)."""
+    mask = mask.reshape(delta.shape).to(delta.device, delta.dtype)
+    return delta.mul_(mask) if in_place else delta * mask
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -253,17 +255,18 @@ def disjoint_merge(
     summed, and divided by the sum of their weights if `normalize`. Entries that are exactly
     zero agree with no sign and count in neither sum."""
     sign = _elected_sign(deltas, weights)
-    merged = torch.zeros_like(deltas[0])
-    divisor = torch.zeros_like(deltas[0]) if normalize else None
+    merged, divisor = torch.empty_like(sign), torch.empty_like(sign) if normalize else None
     signed_weight, agreeing = torch.empty_like(sign), torch.empty_like(sign)
-    for weight, delta in zip(weights, deltas):
+    for i, (weight, delta) in enumerate(zip(weights, deltas)):
         # s * (w d) is |w d| where w d agrees with s, <= 0 elsewhere: clamped, it is the
-        # agreeing magnitude, summed exactly as the signed values would be
+        # agreeing magnitude, summed exactly as the signed values would be (the first one
+        # is written, not added to zeros: x + 0 = x for every x >= 0 but -0)
         signs = sign if weight == 1 else torch.mul(sign, weight, out=signed_weight)
-        torch.mul(delta, signs, out=agreeing).clamp_(min=0)
-        merged.add_(agreeing)
+        torch.mul(delta, signs, out=merged if i == 0 else agreeing).clamp_(min=0)
+        if i > 0:
+            merged.add_(agreeing)
         if divisor is not None:
-            divisor.add_(agreeing.sign_(), alpha=weight)
+            _add_weight(divisor, (merged if i == 0 else agreeing), weight, first=i == 0)
     merged.mul_(sign)
     if divisor is None:
         return merged
@@ -273,11 +276,23 @@ def disjoint_merge(
     return merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
 
 
+def _add_weight(divisor: torch.Tensor, agreeing: torch.Tensor, weight: float, first: bool) -> None:
+    """divisor += weight where `agreeing` (>= 0) is positive; the first model writes it."""
+    if first:
+        torch.sign(agreeing, out=divisor)
+        if weight != 1:
+            divisor.mul_(weight)
+    else:
+        divisor.add_(agreeing.sign_(), alpha=weight)
+
+
 def _elected_sign(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """+1.0 where sum_i w_i d_i >= 0, else -1.0. The sum starts at +0.0 and adding finite
-    values never gives -0.0, so copysign sees no negative zero."""
-    total = torch.zeros_like(deltas[0])
-    for weight, delta in zip(weights, deltas):
+    """+1.0 where sum_i w_i d_i >= 0, else -1.0. The sum is made as (+0.0 + w_1 d_1) + ...:
+    adding finite values to +0.0 never gives -0.0, so copysign sees no negative zero."""
+    total = torch.add(deltas[0], 0.0) if weights[0] == 1 else torch.mul(deltas[0], weights[0])
+    if weights[0] != 1:
+        total.add_(0.0)
+    for weight, delta in zip(weights[1:], deltas[1:]):
         total.add_(delta, alpha=weight)
     return torch.copysign(torch.ones((), dtype=total.dtype, device=total.device), total)
 

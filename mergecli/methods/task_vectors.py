@@ -80,16 +80,21 @@ def _dare(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
         return delta
     norms = (args.sums[i][0], args.sums[i][1]) if args.sums and args.sums[i] else None
     rescale, mode = bool(args.params["rescale"]), str(args.params["rescale_mode"])
-    return dare_drop(delta, _dare_kept(args, i, delta), density, rescale, mode, norms)
+    # `delta` is this call's own; the L1 rescale of a whole tensor still needs it unmasked
+    in_place = norms is not None or not (rescale and mode == "l1")
+    kept = _dare_kept(args, i, delta, in_place)
+    return dare_drop(delta, kept, density, rescale, mode, norms)
 
 
-def _dare_kept(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
+def _dare_kept(args: MergeArgs, i: int, delta: torch.Tensor, in_place: bool) -> torch.Tensor:
     """Model i's task vector (or block of it) with DARE's random drop applied (the keep
     bits of the statistics pass when it drew them)."""
     packed = args.kept[i] if args.kept else None
     if packed is not None:
-        return dare_keep(delta, unpack_bits(packed, delta.numel()))
-    return dare_keep(delta, _float_mask(_dare_draws(args, i, delta.numel())))
+        mask = unpack_bits(packed, delta.numel())
+    else:
+        mask = _float_mask(_dare_draws(args, i, delta.numel()))
+    return dare_keep(delta, mask, in_place)
 
 
 def _dare_draws(args: MergeArgs, i: int, numel: int) -> np.ndarray:
