@@ -146,8 +146,10 @@ def compute_tensor(
         ref = tensor.inputs[0]
         return Computed(reader.read(plan.models[ref.model], ref.name, rows).to(out_dtype), [])
     work = _work_dtype(plan, tensor)
+    check = not (stats and stats.inputs_checked)
     loaded = [
-        _load_checked(plan, r.model, r.name, reader, work, rows, device) for r in _refs(tensor)
+        _load_checked(plan, r.model, r.name, reader, work, rows, device, check)
+        for r in _refs(tensor)
     ]
     base = loaded.pop() if tensor.base else None
     offset = 0 if rows is None else rows[0] * tensor.row_numel
@@ -333,11 +335,13 @@ class _BitStore:
 @dataclass(frozen=True)
 class BlockStats:
     """Whole-tensor facts a block of a blockwise method needs: top-k selections for this
-    block, per-model sums over the tensor, this block's keep bits per model."""
+    block, per-model sums over the tensor, this block's keep bits per model; whether the
+    statistics pass read every input of the block through the NaN/Inf check."""
 
     selections: list[list[Selection]] | None = None
     sums: list[list[float]] | None = None
     kept: list[torch.Tensor | None] | None = None
+    inputs_checked: bool = False
 
 
 class _StatsCache:
@@ -377,8 +381,8 @@ class _StatsCache:
         if method.sums is None:
             return {rows: BlockStats(chosen.get(rows)) for rows in blocks}
         sums, kept = block_sums(self.plan, tensor, self.reader, blocks, self._map)
-        return {
-            rows: BlockStats(chosen.get(rows), sums, kept[j] or None)
+        return {  # `block_sums` read every input of every block through the check
+            rows: BlockStats(chosen.get(rows), sums, kept[j] or None, inputs_checked=True)
             for j, rows in enumerate(blocks)
         }
 
@@ -423,9 +427,10 @@ def _load_checked(
     work: torch.dtype,
     rows: tuple[int, int] | None,
     device: torch.device | None = None,
+    check: bool = True,
 ) -> torch.Tensor:
     tensor = reader.read(plan.models[model], name, rows).to(device).to(work)
-    if not _finite_range(tensor)[0]:
+    if check and not _finite_range(tensor)[0]:
         bad = int((~torch.isfinite(tensor)).sum())
         raise NumericsError(
             f"tensor `{name}` of {plan.models[model].label} holds {bad} NaN/Inf values",
