@@ -353,17 +353,27 @@ class _StatsCache:
     ) -> None:
         self.plan, self.reader, self.block_elements = plan, reader, block_elements
         self.lock = threading.Lock()
-        self.found: dict[int, dict[tuple[int, int] | None, BlockStats]] = {}
+        self.found: dict[int, Future[dict[tuple[int, int] | None, BlockStats]]] = {}
         self.pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
 
     def get(self, job: _Job) -> BlockStats | None:
         method = self.plan.method
         if (method.topk is None and method.sums is None) or job.rows is None or job.tensor.copy:
             return None
+        # the lock guards the table only: the main thread's `drop` and the jobs of other
+        # tensors must not wait for a statistics pass
         with self.lock:
-            if job.index not in self.found:
-                self.found[job.index] = self._compute(job.tensor)
-            return self.found[job.index][job.rows]
+            found = self.found.get(job.index)
+            owner = found is None
+            if found is None:
+                found = self.found[job.index] = Future()
+        if owner:
+            try:
+                found.set_result(self._compute(job.tensor))
+            except BaseException as exc:
+                found.set_exception(exc)
+                raise
+        return found.result()[job.rows]
 
     def _map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterable[Any]:
         # results are taken in order as they come, not gathered: a tensor of 136 blocks
