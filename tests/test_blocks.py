@@ -235,3 +235,16 @@ def test_sparse_task_vectors_select_as_the_whole_tensor_does(
     whole = run_plan(plan, tmp_path / "whole", text, reproducible=True, block_elements=1 << 30)
     blocks = run_plan(plan, tmp_path / "blocks", text, reproducible=True, block_elements=100)
     assert whole.files == blocks.files
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_mask_unpacked_with_a_factor_scales_like_a_scalar_multiply(dtype: torch.dtype) -> None:
+    from mergecli.methods.blocks import pack_bits, unpack_bits
+
+    generator = torch.Generator().manual_seed(3)
+    delta = torch.randn(1001, generator=generator, dtype=dtype)
+    keep = torch.rand(1001, generator=generator) < 0.3
+    factor = 1.2345678901234567  # not a float32: rounded as torch rounds a scalar
+    mask = unpack_bits(pack_bits(keep), 1001, factor, dtype)
+    assert mask.dtype == dtype
+    assert torch.equal(delta * mask, (delta * keep.to(dtype)).mul_(factor))

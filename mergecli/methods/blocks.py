@@ -87,8 +87,14 @@ def rescale_l1(
 ) -> torch.Tensor:
     """Scale `kept` in place so its L1 norm equals `original`'s (unchanged when either is
     ~0); `norms` = (|original|_1, |kept|_1) over the whole tensor when these are a block."""
-    before, after = norms if norms is not None else dare_norms(original, kept)
-    return kept.mul_(before / after) if before >= 1e-8 and after >= 1e-8 else kept
+    factor = l1_factor(norms if norms is not None else dare_norms(original, kept))
+    return kept if factor == 1 else kept.mul_(factor)
+
+
+def l1_factor(norms: tuple[float, float]) -> float:
+    """|original|_1 / |kept|_1 from `norms` = (|original|_1, |kept|_1); 1 when either is ~0."""
+    before, after = norms
+    return before / after if before >= 1e-8 and after >= 1e-8 else 1.0
 
 
 def dare_keep(delta: torch.Tensor, mask: torch.Tensor, in_place: bool = False) -> torch.Tensor:
@@ -104,9 +110,16 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.packbits(values if values.dtype == np.bool_ else values != 0))
 
 
-def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """The flat float32 0/1 mask of `numel` entries that `pack_bits` packed."""
-    return torch.from_numpy(np.unpackbits(packed.numpy(), count=numel).astype(np.float32))
+def unpack_bits(
+    packed: torch.Tensor, numel: int, value: float = 1.0, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The flat 0/`value` mask (float32, or float64) of the `numel` bits `pack_bits` packed;
+    `value` is rounded to `dtype` first, as torch rounds a scalar factor."""
+    bits = np.unpackbits(packed.numpy(), count=numel)
+    kind = np.float64 if dtype == torch.float64 else np.float32
+    if value == 1:
+        return torch.from_numpy(bits.astype(kind))
+    return torch.from_numpy(np.multiply(bits, kind(value), dtype=kind))
 
 
 def dare_drop(

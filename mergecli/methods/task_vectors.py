@@ -22,6 +22,7 @@ from mergecli.methods.blocks import (
     elect_sign,
     keep_count,
     keep_selected,
+    l1_factor,
     magnitude_sparsify,
     magprune,
     magprune_probabilities,
@@ -80,6 +81,11 @@ def _dare(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
         return delta
     norms = (args.sums[i][0], args.sums[i][1]) if args.sums and args.sums[i] else None
     rescale, mode = bool(args.params["rescale"]), str(args.params["rescale_mode"])
+    packed = args.kept[i] if args.kept else None
+    if packed is not None and norms is not None and rescale and mode == "l1":
+        # the rescale rides on the mask: d * (m f) is (d m) f bit for bit, as m is 0 or 1
+        mask = unpack_bits(packed, delta.numel(), l1_factor(norms), delta.dtype)
+        return dare_keep(delta, mask, in_place=True)
     # `delta` is this call's own; the L1 rescale of a whole tensor still needs it unmasked
     in_place = norms is not None or not (rescale and mode == "l1")
     kept = _dare_kept(args, i, delta, in_place)
