@@ -1,11 +1,15 @@
 """Time mergecli against the I/O floor on a benchmark family; print a table of ratios.
 
     python benchmarks/run.py [--size 0.5b] [--methods linear ties ...] [--compare-mergekit]
+                             [--repeat 3]
 
 For each recipe, in one run: the I/O floor (read every input tensor once and write one
 model, `io_floor.py`), then `mergecli run` (and `mergekit-yaml` with --compare-mergekit when
 it is installed), each in its own process timed by /usr/bin/time (wall seconds, peak RSS).
-The page cache is warm (the floor runs first). Targets are those of shared/spec/performance.md.
+The page cache is warm (the floor runs first). With --repeat N the three commands run N
+times, interleaved (a slow spell of a shared machine then slows all of them), and the
+table shows median walls and the largest peak RSS; every wall is kept in the JSON.
+Targets are those of shared/spec/performance.md.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +74,11 @@ def timed(command: list[str]) -> tuple[float, int]:
     return float(wall), int(rss_kb) * 1024
 
 
+def summary(timings: list[tuple[float, int]]) -> tuple[float, int]:
+    """(median wall seconds, largest peak RSS) of repeated timings."""
+    return statistics.median(w for w, _ in timings), max(r for _, r in timings)
+
+
 def main() -> None:
     """Run every recipe; print markdown rows and write results JSON."""
     parser = argparse.ArgumentParser(
@@ -78,6 +88,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=list(recipes(Path())))
     parser.add_argument("--work", type=Path, default=HERE / "_work")
     parser.add_argument("--compare-mergekit", action="store_true")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="time each command N times, interleaved; report the median wall and the largest peak",
+    )
     args = parser.parse_args()
     family = args.work / args.size
     if not (family / "ft3").exists():
@@ -102,17 +118,14 @@ def main() -> None:
         recipe.write_text(texts[method])
         out = family / f"out-{method}"
         floor_file = family / "floor.safetensors"
-        floor, floor_rss = timed(
-            [
+        commands = {
+            "floor": [
                 sys.executable,
                 str(HERE / "io_floor.py"),
                 str(floor_file),
                 *map(str, inputs_of(method, family)),
-            ]
-        )
-        floor_file.unlink()
-        wall, rss = timed(
-            [
+            ],
+            "mergecli": [
                 sys.executable,
                 "-m",
                 "mergecli",
@@ -122,8 +135,17 @@ def main() -> None:
                 str(out),
                 "--overwrite",
                 "--quiet",
-            ]
-        )
+            ],
+        }
+        if mergekit:
+            commands["mergekit"] = [mergekit, str(recipe), str(family / f"mk-{method}")]
+        runs: dict[str, list[tuple[float, int]]] = {key: [] for key in commands}
+        for _ in range(args.repeat):  # interleaved, so a slow spell of the machine hits all
+            for key, command in commands.items():
+                runs[key].append(timed(command))
+                floor_file.unlink(missing_ok=True)
+                shutil.rmtree(family / f"mk-{method}", ignore_errors=True)
+        (floor, floor_rss), (wall, rss) = summary(runs["floor"]), summary(runs["mergecli"])
         planned = subprocess.run(
             [sys.executable, "-m", "mergecli", "plan", str(recipe), "--json"],
             capture_output=True,
@@ -138,11 +160,10 @@ def main() -> None:
             "floor_rss": floor_rss,
             "mergecli_s": wall,
             "mergecli_rss": rss,
+            "walls": {key: [w for w, _ in timings] for key, timings in runs.items()},
         }
         if mergekit:
-            entry["mergekit_s"], entry["mergekit_rss"] = timed(
-                [mergekit, str(recipe), str(family / f"mk-{method}")]
-            )
+            entry["mergekit_s"], entry["mergekit_rss"] = summary(runs["mergekit"])
         shutil.rmtree(out, ignore_errors=True)
         ratio = wall / floor
         target = TARGET.get(method, 3.0)
