@@ -202,9 +202,10 @@ def _first_bytes(
         level = math.floor(float(scaled))
         if level >= 256:
             return np.ones(draws.size, dtype=bool), np.zeros(0, dtype=np.int64), np.zeros(0)
-        byte = np.uint8(level)
-        ties = np.flatnonzero(draws == byte)
-        return draws < byte, ties, np.full(ties.size, float(scaled) - level)
+        byte, rest = np.uint8(level), float(scaled) - level
+        # with no rest a tie is a drop: no need to find the ties
+        ties = np.flatnonzero(draws == byte) if rest > 0 else np.zeros(0, dtype=np.int64)
+        return draws < byte, ties, np.full(ties.size, rest)
     if offset != 0:
         raise ValueError("per-entry probabilities are drawn for a whole tensor only")
     padded = np.pad(scaled.reshape(-1), (0, draws.size - count))
