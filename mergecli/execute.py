@@ -293,7 +293,10 @@ def block_sums(
     index = {rows: j for j, rows in enumerate(blocks)}
 
     def one(rows: tuple[int, int] | None) -> tuple[list[list[list[float]]], list[Any]]:
-        loaded = [_load_checked(plan, r.model, r.name, reader, work, rows) for r in refs]
+        loaded = [
+            _load_checked(plan, r.model, r.name, reader, work, rows, None, False) for r in refs
+        ]
+        inputs = list(loaded)
         base = loaded.pop() if tensor.base else None
         offset = 0 if rows is None else rows[0] * tensor.row_numel
         args = MergeArgs(
@@ -305,7 +308,9 @@ def block_sums(
         kept = [
             None if k is None else bits.keep(m, index[rows], k) for m, k in enumerate(found.kept)
         ]
-        return [[r.tolist() for r in quantities] for quantities in found.sums], kept
+        sums = [[r.tolist() for r in quantities] for quantities in found.sums]
+        _check_unvouched(plan, refs, inputs, sums, tensor.base is not None)
+        return sums, kept
 
     parts, kept = zip(*map_blocks(one, blocks)) if blocks else ((), ())
     models = len(parts[0]) if parts else 0
@@ -429,6 +434,38 @@ def _finite_range(tensor: torch.Tensor) -> tuple[bool, float]:
     return finite, max(abs(low), abs(high))
 
 
+def _check_unvouched(
+    plan: MergePlan,
+    refs: Sequence[InputRef],
+    inputs: Sequence[torch.Tensor],
+    sums: Sequence[Sequence[Sequence[float]]],
+    has_base: bool,
+) -> None:
+    """NaN/Inf check of a block's inputs that its statistics do not vouch for. Model i's
+    sums (`MethodSpec.sums`) run over every entry of its tensor and of the base, so when
+    they are finite so are those inputs (a NaN or Inf entry makes them NaN or Inf). Every
+    other input, or all of them when a sum is not finite (finite inputs can overflow one),
+    is checked entry by entry."""
+    models = len(refs) - has_base
+    present = [i for i in range(min(models, len(sums))) if sums[i]]
+    finite = all(math.isfinite(x) for i in present for rows in sums[i] for x in rows)
+    vouched = set(present) if finite else set()
+    if has_base and vouched:
+        vouched.add(models)  # the base is the last ref
+    for i, (ref, tensor) in enumerate(zip(refs, inputs)):
+        if i not in vouched:
+            _check_finite(plan, ref.model, ref.name, tensor)
+
+
+def _check_finite(plan: MergePlan, model: int, name: str, tensor: torch.Tensor) -> None:
+    if not _finite_range(tensor)[0]:
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise NumericsError(
+            f"tensor `{name}` of {plan.models[model].label} holds {bad} NaN/Inf values",
+            hint="the input checkpoint is damaged; re-download or re-save it",
+        )
+
+
 def _load_checked(
     plan: MergePlan,
     model: int,
@@ -440,12 +477,8 @@ def _load_checked(
     check: bool = True,
 ) -> torch.Tensor:
     tensor = reader.read(plan.models[model], name, rows).to(device).to(work)
-    if check and not _finite_range(tensor)[0]:
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise NumericsError(
-            f"tensor `{name}` of {plan.models[model].label} holds {bad} NaN/Inf values",
-            hint="the input checkpoint is damaged; re-download or re-save it",
-        )
+    if check:
+        _check_finite(plan, model, name, tensor)
     return tensor
 
 

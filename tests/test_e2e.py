@@ -490,6 +490,58 @@ def test_nan_found_by_the_statistics_pass_of_row_blocks(
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
+@pytest.mark.parametrize(
+    ("method", "nan_in", "density"),
+    [
+        ("dare_ties", "model", 0.5),  # vouched for by its L1 sums, which turn NaN
+        ("dare_ties", "model", 1.0),  # no sums for this model: checked entry by entry
+        ("dare_ties", "base", 0.5),
+        ("dare_ties", "base", 1.0),  # no sums at all
+        ("slerp", "model", None),
+        ("slerp", "base", None),
+    ],
+)
+def test_nan_anywhere_in_a_blocked_tensor_with_statistics_is_found(
+    family: dict[str, Path], tmp_path: Path, method: str, nan_in: str, density: float | None
+) -> None:
+    from mergecli.errors import NumericsError
+
+    tensor = "model.layers.0.mlp.down_proj.weight"
+    base, model = family["base"], family["a"]
+    bad = nan_copy(base if nan_in == "base" else model, tmp_path / "nan", tensor)
+    base, model = (bad, model) if nan_in == "base" else (base, bad)
+    extra = f"weight: 1, density: {density}" if density is not None else "t: 0.3"
+    text = (
+        f"merge_method: {method}\nbase_model: {base}\nparameters: {{{extra}}}\n"
+        f"models:\n  - model: {base}\n  - model: {model}\n"
+        if method == "slerp"
+        else f"merge_method: {method}\nbase_model: {base}\n"
+        f"parameters: {{{extra}}}\nmodels:\n  - model: {model}\n"
+        f"  - model: {family['b']}\n"
+    )
+    plan = plan_recipe(write(tmp_path / "r.yaml", text))
+    with pytest.raises(NumericsError, match=rf"tensor `{tensor}` of {bad} holds 1 NaN/Inf"):
+        run_plan(plan, tmp_path / "out", text, block_elements=100)
+
+
+def test_sums_that_overflow_do_not_vouch_and_do_not_accuse(family: dict[str, Path]) -> None:
+    from mergecli.execute import _check_unvouched
+    from mergecli.plan import InputRef
+
+    text = (
+        f"merge_method: dare_ties\nbase_model: {family['base']}\n"
+        f"parameters: {{weight: 1, density: 0.5}}\nmodels:\n  - model: {family['a']}\n"
+    )
+    plan = plan_recipe(write(family["base"].parent / "vouch.yaml", text))
+    refs = [InputRef(0, "x"), InputRef(1, "x")]
+    finite = [torch.full((2, 2), 3e38), torch.zeros(2, 2)]
+    _check_unvouched(plan, refs, finite, [[[float("inf")], [1.0]]], True)  # overflowed: checked
+    nan = [torch.zeros(2, 2), torch.tensor([[0.0, float("nan")], [0.0, 0.0]])]
+    with pytest.raises(Exception, match="holds 1 NaN/Inf"):
+        _check_unvouched(plan, refs, nan, [[]], True)  # no sums: the base is checked
+    _check_unvouched(plan, refs, nan, [[[1.0]]], True)  # finite sums vouch (the premise)
+
+
 def test_online_hub_path_with_a_mocked_transport(
     family: dict[str, Path], tmp_path: Path, runner: CliRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
