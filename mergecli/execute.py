@@ -589,7 +589,7 @@ def budget_for(plan: MergePlan, max_memory: int | None, workers: int = PIPELINE_
     jobs get what the runtime leaves, and row blocks are sized so `workers` jobs fit."""
     if max_memory is None:
         return Budget(workers)
-    room = max_memory - RUNTIME_BYTES
+    room = max_memory - RUNTIME_BYTES - held_bits(plan, BLOCK_ELEMENTS)
     if room <= 0:
         raise UsageError(
             f"--max-memory {max_memory} bytes is below the runtime's own "
@@ -622,7 +622,22 @@ def predict_peak(plan: MergePlan, budget: Budget) -> int:
         pending.append(job.working_bytes)
         in_flight += job.working_bytes
         peak = max(peak, in_flight)
-    return RUNTIME_BYTES + peak
+    return RUNTIME_BYTES + peak + held_bits(plan, budget.block_elements)
+
+
+def held_bits(plan: MergePlan, block_elements: int) -> int:
+    """Bytes of keep bits a method's statistics pass holds for the merge of a blocked
+    tensor (`MethodSpec.kept_bits`: a bit per entry and input), for the two largest such
+    tensors (the next tensor's statistics may be drawn while the last blocks of one are
+    merged)."""
+    if not plan.method.kept_bits:
+        return 0
+    sizes = sorted(
+        len(t.inputs) * ((t.numel + 7) // 8)
+        for t in plan.tensors
+        if len(row_blocks(plan, t, block_elements)) > 1
+    )
+    return sum(sizes[-2:])
 
 
 def _pipeline(

@@ -300,6 +300,7 @@ SPECS = (
         paper=DARE_PAPER,
         peak_copies=11.5,
         sums=_dare_sums,
+        kept_bits=True,
     ),
     MethodSpec(
         "dare_ties",
@@ -311,6 +312,7 @@ SPECS = (
         paper=DARE_PAPER,
         peak_copies=11.5,
         sums=_dare_sums,
+        kept_bits=True,
     ),
     MethodSpec(
         "breadcrumbs",
