@@ -135,10 +135,12 @@ def compute_tensor(
     rows: tuple[int, int] | None = None,
     stats: BlockStats | None = None,
     device: torch.device | None = None,
+    given: list[torch.Tensor] | None = None,
 ) -> Computed:
     """Read the inputs of one output tensor (or of its `rows` for element-wise methods),
     merge them in float32/64 and cast to its dtype; also return the method's per-task masks
-    when asked. With `device` the math runs there (inputs moved after reading)."""
+    when asked. With `device` the math runs there (inputs moved after reading). `given`:
+    the inputs already read (and checked) by the statistics pass."""
     out_dtype = CODE_TO_TORCH[tensor.dtype]
     if tensor.vocab_names is not None:
         return _compute_vocab(plan, tensor, reader, clamp)
@@ -147,10 +149,14 @@ def compute_tensor(
         return Computed(reader.read(plan.models[ref.model], ref.name, rows).to(out_dtype), [])
     work = _work_dtype(plan, tensor)
     check = not (stats and stats.inputs_checked)
-    loaded = [
-        _load_checked(plan, r.model, r.name, reader, work, rows, device, check)
-        for r in _refs(tensor)
-    ]
+    loaded = (
+        [t.to(device) for t in given]
+        if given is not None
+        else [
+            _load_checked(plan, r.model, r.name, reader, work, rows, device, check)
+            for r in _refs(tensor)
+        ]
+    )
     base = loaded.pop() if tensor.base else None
     offset = 0 if rows is None else rows[0] * tensor.row_numel
     args = MergeArgs(
@@ -282,17 +288,19 @@ def block_sums(
     reader: TensorReader,
     blocks: Sequence[tuple[int, int] | None],
     map_blocks: BlockMap = _serial,
-) -> tuple[list[list[float]], list[list[torch.Tensor | None]]]:
+    keep_inputs: bool = False,
+) -> tuple[list[list[float]], list[list[torch.Tensor | None]], list[list[torch.Tensor] | None]]:
     """A method's per-model sums (`MethodSpec.sums`) over the whole tensor, one block at a
-    time: per-row partial sums of every block, added exactly at the end; and each block's
-    keep bits per model (`BlockSums.kept`)."""
+    time: per-row partial sums of every block, added exactly at the end; each block's keep
+    bits per model (`BlockSums.kept`); and, with `keep_inputs`, each block's inputs as read
+    (for its merge, which then reads nothing)."""
     assert plan.method.sums is not None
     sums_of = plan.method.sums
     refs, work = _refs(tensor), _work_dtype(plan, tensor)
     bits = _BitStore(tensor, blocks)
     index = {rows: j for j, rows in enumerate(blocks)}
 
-    def one(rows: tuple[int, int] | None) -> tuple[list[list[list[float]]], list[Any]]:
+    def one(rows: tuple[int, int] | None) -> tuple[list[list[list[float]]], list[Any], Any]:
         loaded = [
             _load_checked(plan, r.model, r.name, reader, work, rows, None, False) for r in refs
         ]
@@ -310,15 +318,15 @@ def block_sums(
         ]
         sums = [[r.tolist() for r in quantities] for quantities in found.sums]
         _check_unvouched(plan, refs, inputs, sums, tensor.base is not None)
-        return sums, kept
+        return sums, kept, inputs if keep_inputs else None
 
-    parts, kept = zip(*map_blocks(one, blocks)) if blocks else ((), ())
+    parts, kept, inputs = zip(*map_blocks(one, blocks)) if blocks else ((), (), ())
     models = len(parts[0]) if parts else 0
     totals = [
         [math.fsum(x for p in parts for x in p[m][q]) for q in range(len(parts[0][m]))]
         for m in range(models)
     ]
-    return totals, list(kept)
+    return totals, list(kept), list(inputs)
 
 
 class _BitStore:
@@ -359,6 +367,7 @@ class _StatsCache:
         self.plan, self.reader, self.block_elements = plan, reader, block_elements
         self.lock = threading.Lock()
         self.found: dict[int, Future[dict[tuple[int, int] | None, BlockStats]]] = {}
+        self.inputs: dict[tuple[str, tuple[int, int] | None], list[torch.Tensor]] = {}
         self.pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
 
     def get(self, job: _Job) -> BlockStats | None:
@@ -395,11 +404,24 @@ class _StatsCache:
         )
         if method.sums is None:
             return {rows: BlockStats(chosen.get(rows)) for rows in blocks}
-        sums, kept = block_sums(self.plan, tensor, self.reader, blocks, self._map)
+        keep = input_cache_bytes(self.plan, tensor, self.block_elements) > 0
+        sums, kept, inputs = block_sums(self.plan, tensor, self.reader, blocks, self._map, keep)
+        if keep:
+            with self.lock:
+                self.inputs.update(
+                    ((tensor.name, rows), loaded)
+                    for rows, loaded in zip(blocks, inputs)
+                    if loaded is not None
+                )
         return {  # `block_sums` read every input of every block through the check
             rows: BlockStats(chosen.get(rows), sums, kept[j] or None, inputs_checked=True)
             for j, rows in enumerate(blocks)
         }
+
+    def take_inputs(self, job: _Job) -> list[torch.Tensor] | None:
+        """The inputs the statistics pass read for this block, if it kept them (once)."""
+        with self.lock:
+            return self.inputs.pop((job.tensor.name, job.rows), None)
 
     def drop(self, index: int) -> None:
         with self.lock:
@@ -589,7 +611,7 @@ def budget_for(plan: MergePlan, max_memory: int | None, workers: int = PIPELINE_
     jobs get what the runtime leaves, and row blocks are sized so `workers` jobs fit."""
     if max_memory is None:
         return Budget(workers)
-    room = max_memory - RUNTIME_BYTES - held_bits(plan, BLOCK_ELEMENTS)
+    room = max_memory - RUNTIME_BYTES - held_between_passes(plan, BLOCK_ELEMENTS)
     if room <= 0:
         raise UsageError(
             f"--max-memory {max_memory} bytes is below the runtime's own "
@@ -622,22 +644,40 @@ def predict_peak(plan: MergePlan, budget: Budget) -> int:
         pending.append(job.working_bytes)
         in_flight += job.working_bytes
         peak = max(peak, in_flight)
-    return RUNTIME_BYTES + peak + held_bits(plan, budget.block_elements)
+    return RUNTIME_BYTES + peak + held_between_passes(plan, budget.block_elements)
 
 
-def held_bits(plan: MergePlan, block_elements: int) -> int:
-    """Bytes of keep bits a method's statistics pass holds for the merge of a blocked
-    tensor (`MethodSpec.kept_bits`: a bit per entry and input), for the two largest such
-    tensors (the next tensor's statistics may be drawn while the last blocks of one are
-    merged)."""
-    if not plan.method.kept_bits:
+INPUT_CACHE_BYTES = 96 << 20
+
+
+def input_cache_bytes(plan: MergePlan, tensor: TensorPlan, block_elements: int) -> int:
+    """Bytes of a blocked tensor's inputs (work dtype) that its statistics pass keeps for
+    the merge pass, so that pass reads nothing: all of them when they fit in
+    INPUT_CACHE_BYTES (the MLP and attention matrices of a 7B model do; embeddings do not),
+    else none."""
+    if plan.method.sums is None or len(row_blocks(plan, tensor, block_elements)) < 2:
         return 0
+    size = len(_refs(tensor)) * tensor.numel * _work_dtype(plan, tensor).itemsize
+    return size if size <= INPUT_CACHE_BYTES else 0
+
+
+def held_between_passes(plan: MergePlan, block_elements: int) -> int:
+    """Bytes a statistics pass hands to the merge pass of a blocked tensor: its keep bits
+    (`MethodSpec.kept_bits`: a bit per entry and input) and its kept inputs
+    (`input_cache_bytes`), for the two largest such tensors (the next tensor's statistics
+    may be made while the last blocks of one are merged)."""
     sizes = sorted(
-        len(t.inputs) * ((t.numel + 7) // 8)
+        kept_bits(plan, t, block_elements) + input_cache_bytes(plan, t, block_elements)
         for t in plan.tensors
-        if len(row_blocks(plan, t, block_elements)) > 1
     )
     return sum(sizes[-2:])
+
+
+def kept_bits(plan: MergePlan, tensor: TensorPlan, block_elements: int) -> int:
+    """Bytes of keep bits the statistics pass of a blocked tensor keeps for its merge."""
+    if not plan.method.kept_bits or len(row_blocks(plan, tensor, block_elements)) < 2:
+        return 0
+    return len(tensor.inputs) * ((tensor.numel + 7) // 8)
 
 
 def _pipeline(
@@ -731,8 +771,17 @@ def run_plan(
 
     def compute(job: _Job) -> Computed:
         chosen = block_stats.get(job)
+        given = block_stats.take_inputs(job) if chosen is not None else None
         done = compute_tensor(
-            plan, job.tensor, reader, masks is not None, clamp_overflow, job.rows, chosen, device
+            plan,
+            job.tensor,
+            reader,
+            masks is not None,
+            clamp_overflow,
+            job.rows,
+            chosen,
+            device,
+            given,
         )
         writer.put(job.tensor.name, done.tensor, offset_of(job))  # hashed in order by `store`
         return done

@@ -106,23 +106,27 @@ def test_a_budget_that_cannot_be_met_is_warned_about(
     assert "`della` needs some tensors whole (it does not run in row blocks)" in err
 
 
-def test_dare_keep_bits_of_the_two_largest_blocked_tensors_are_predicted(
+def test_what_dare_holds_between_passes_is_predicted(
     family: dict[str, Path], tmp_path: Path
 ) -> None:
-    from mergecli.execute import held_bits, row_blocks
+    from mergecli.execute import held_between_passes, input_cache_bytes, kept_bits, row_blocks
 
     dare = ties_recipe(family, tmp_path).read_text().replace("ties", "dare_ties")
     plan = plan_recipe(write(tmp_path / "dare.yaml", dare))
     ties = plan_recipe(ties_recipe(family, tmp_path))
     block = 100
-    blocked = sorted(
-        (t.numel for t in plan.tensors if len(row_blocks(plan, t, block)) > 1), reverse=True
-    )
+    blocked = [t for t in plan.tensors if len(row_blocks(plan, t, block)) > 1]
     assert len(blocked) >= 2
-    # two models: a bit per entry of each, rounded up to bytes, for the two largest
-    assert held_bits(plan, block) == sum(2 * ((n + 7) // 8) for n in blocked[:2])
-    assert held_bits(ties, block) == 0  # TIES keeps thresholds, not bits
+    for tensor in plan.tensors:  # two models: a bit per entry of each, rounded up to bytes;
+        # the three inputs (two models and the base) in float32 while they fit
+        n = tensor.numel if tensor in blocked else 0
+        assert kept_bits(plan, tensor, block) == 2 * ((n + 7) // 8)
+        assert input_cache_bytes(plan, tensor, block) == 3 * 4 * n
+        assert kept_bits(ties, tensor, block) == 0  # TIES keeps thresholds, not bits
+        assert input_cache_bytes(ties, tensor, block) == 0  # nor inputs (no sums pass)
+    held = sorted(2 * ((t.numel + 7) // 8) + 12 * t.numel for t in blocked)
+    assert held_between_passes(plan, block) == sum(held[-2:])
     budget = Budget(block_elements=block)
     sizes = [job.working_bytes for job in plan_jobs(plan, frozenset(), block)]
     pairs = max(a + b for a, b in itertools.pairwise(sizes))
-    assert predict_peak(plan, budget) == RUNTIME_BYTES + pairs + held_bits(plan, block)
+    assert predict_peak(plan, budget) == RUNTIME_BYTES + pairs + sum(held[-2:])
