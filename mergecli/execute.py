@@ -302,7 +302,7 @@ def block_sums(
 
     def one(rows: tuple[int, int] | None) -> tuple[list[list[list[float]]], list[Any], Any]:
         loaded = [
-            _load_checked(plan, r.model, r.name, reader, work, rows, None, False) for r in refs
+            _load_checked(plan, r.model, r.name, reader, work, rows, check=False) for r in refs
         ]
         inputs = list(loaded)
         base = loaded.pop() if tensor.base else None

@@ -276,11 +276,12 @@ def disjoint_merge(
         # agreeing magnitude, summed exactly as the signed values would be (the first one
         # is written, not added to zeros: x + 0 = x for every x >= 0 but -0)
         signs = sign if weight == 1 else torch.mul(sign, weight, out=signed_weight)
-        torch.mul(delta, signs, out=merged if i == 0 else agreeing).clamp_(min=0)
+        term = merged if i == 0 else agreeing
+        torch.mul(delta, signs, out=term).clamp_(min=0)
         if i > 0:
             merged.add_(agreeing)
         if divisor is not None:
-            _add_weight(divisor, (merged if i == 0 else agreeing), weight, first=i == 0)
+            _add_weight(divisor, term, weight, first=i == 0)
     merged.mul_(sign)
     if divisor is None:
         return merged
@@ -303,9 +304,8 @@ def _add_weight(divisor: torch.Tensor, agreeing: torch.Tensor, weight: float, fi
 def _elected_sign(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """+1.0 where sum_i w_i d_i >= 0, else -1.0. The sum is made as (+0.0 + w_1 d_1) + ...:
     adding finite values to +0.0 never gives -0.0, so copysign sees no negative zero."""
-    total = torch.add(deltas[0], 0.0) if weights[0] == 1 else torch.mul(deltas[0], weights[0])
-    if weights[0] != 1:
-        total.add_(0.0)
+    zero = torch.zeros((), dtype=deltas[0].dtype, device=deltas[0].device)
+    total = torch.add(zero, deltas[0], alpha=weights[0])
     for weight, delta in zip(weights[1:], deltas[1:]):
         total.add_(delta, alpha=weight)
     return torch.copysign(torch.ones((), dtype=total.dtype, device=total.device), total)

@@ -88,14 +88,15 @@ def _dare(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
         return dare_keep(delta, mask, in_place=True)
     # `delta` is this call's own; the L1 rescale of a whole tensor still needs it unmasked
     in_place = norms is not None or not (rescale and mode == "l1")
-    kept = _dare_kept(args, i, delta, in_place)
+    kept = _dare_kept(args, i, delta, in_place, packed)
     return dare_drop(delta, kept, density, rescale, mode, norms)
 
 
-def _dare_kept(args: MergeArgs, i: int, delta: torch.Tensor, in_place: bool) -> torch.Tensor:
-    """Model i's task vector (or block of it) with DARE's random drop applied (the keep
-    bits of the statistics pass when it drew them)."""
-    packed = args.kept[i] if args.kept else None
+def _dare_kept(
+    args: MergeArgs, i: int, delta: torch.Tensor, in_place: bool, packed: torch.Tensor | None
+) -> torch.Tensor:
+    """Model i's task vector (or block of it) with DARE's random drop applied (`packed`:
+    the keep bits of the statistics pass when it drew them)."""
     if packed is not None:
         mask = unpack_bits(packed, delta.numel())
     else:
