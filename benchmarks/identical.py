@@ -65,7 +65,14 @@ def recipe_files(work: Path, sizes: list[str]) -> list[Path]:
         family = HERE / "_work" / size
         if not (family / "ft3").exists():
             subprocess.run(
-                [sys.executable, str(HERE / "make_family.py"), "--size", size, "--out", str(family)],
+                [
+                    sys.executable,
+                    str(HERE / "make_family.py"),
+                    "--size",
+                    size,
+                    "--out",
+                    str(family),
+                ],
                 check=True,
             )
         for method, text in benchmark_recipes(family).items():

@@ -12,7 +12,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from mergecli.io.writer import ShardWriter
-from mergecli.plan import TensorPlan
+from mergecli.plan.types import TensorPlan
 
 
 def weight_map(folder: Path) -> dict[str, str]:

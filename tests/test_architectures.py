@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 
 from conftest import invoke, write
 from mergecli import methods
-from mergecli.layers import split_layer
 from mergecli.methods.spec import MergeArgs
+from mergecli.model.layers import split_layer
 
 VOCAB = 96
 HIDDEN = 32

@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 
 from conftest import sparse_tune, write
 from mergecli.cli._common import plan_recipe
-from mergecli.execute import row_blocks, run_plan
-from mergecli.methods.blocks import keep_selected, kth_largest, top_k_mask
-from mergecli.methods.selection import Selector, select_mask
+from mergecli.engine.blocks import row_blocks
+from mergecli.engine.run import run_plan
+from mergecli.methods.kernels.selection import Selector, select_mask
+from mergecli.methods.kernels.topk import keep_selected, kth_largest, top_k_mask
 
 
 @pytest.mark.parametrize(
@@ -123,7 +124,7 @@ def test_blockwise_selection_equals_whole_tensor_top_k(data: st.DataObject) -> N
 
 
 def test_random_draws_of_a_block_equal_the_whole_tensors_draws() -> None:
-    from mergecli.methods.blocks import DRAW_CHUNK, bernoulli_keep
+    from mergecli.methods.kernels.bernoulli import DRAW_CHUNK, bernoulli_keep
 
     whole = bernoulli_keep(3 * DRAW_CHUNK + 5, 0, 1, "t", 2, 0.37)
     for offset, count in [
@@ -144,7 +145,7 @@ def test_random_draws_of_a_block_equal_the_whole_tensors_draws() -> None:
 
 def _first_bytes(seed: int, name: str, model: int, chunks: int) -> np.ndarray:
     """The first byte of every entry as the generators give them: the bytes of their words."""
-    from mergecli.methods.blocks import DRAW_CHUNK, generator_for
+    from mergecli.methods.kernels.bernoulli import DRAW_CHUNK, generator_for
 
     out = []
     for chunk in range(chunks):
@@ -156,7 +157,7 @@ def _first_bytes(seed: int, name: str, model: int, chunks: int) -> np.ndarray:
 
 @pytest.mark.parametrize("p", [0.3, 77 / 256, 0.0, 1.0, 1 - 2.0**-40, 2.0**-30])
 def test_bernoulli_keep_is_decided_by_the_first_byte_except_on_ties(p: float) -> None:
-    from mergecli.methods.blocks import DRAW_CHUNK, bernoulli_keep
+    from mergecli.methods.kernels.bernoulli import DRAW_CHUNK, bernoulli_keep
 
     n = 16 * DRAW_CHUNK
     keep = bernoulli_keep(n, 0, 4, "w", 0, p)
@@ -174,7 +175,7 @@ def test_bernoulli_keep_is_decided_by_the_first_byte_except_on_ties(p: float) ->
 
 
 def test_bernoulli_keep_takes_one_probability_per_entry() -> None:
-    from mergecli.methods.blocks import bernoulli_keep
+    from mergecli.methods.kernels.bernoulli import bernoulli_keep
 
     n = 300_000
     probability = np.resize([0.0, 1.0, 0.25, 0.8], n)
@@ -189,7 +190,7 @@ def test_bernoulli_keep_takes_one_probability_per_entry() -> None:
 
 @pytest.mark.parametrize("fraction", [0.75, 0.25, 0.0])
 def test_a_tie_on_32_more_bits_draws_32_more(fraction: float) -> None:
-    from mergecli.methods.blocks import _settle_ties, generator_for
+    from mergecli.methods.kernels.bernoulli import _settle_ties, generator_for
 
     def low_words(count: int) -> list[int]:
         words = torch.empty(count, dtype=torch.int64)
@@ -207,7 +208,7 @@ def test_a_tie_on_32_more_bits_draws_32_more(fraction: float) -> None:
 @pytest.mark.parametrize("numel", [1, 7, 8, 9, 1000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
 def test_pack_bits_round_trips_a_mask(numel: int, dtype: torch.dtype) -> None:
-    from mergecli.methods.blocks import pack_bits, unpack_bits
+    from mergecli.methods.kernels.bernoulli import pack_bits, unpack_bits
 
     mask = (torch.rand(numel, generator=torch.Generator().manual_seed(numel)) < 0.4).to(dtype)
     packed = pack_bits(mask.reshape(-1, 1) if numel % 2 else mask)
@@ -239,7 +240,7 @@ def test_sparse_task_vectors_select_as_the_whole_tensor_does(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_mask_unpacked_with_a_factor_scales_like_a_scalar_multiply(dtype: torch.dtype) -> None:
-    from mergecli.methods.blocks import pack_bits, unpack_bits
+    from mergecli.methods.kernels.bernoulli import pack_bits, unpack_bits
 
     generator = torch.Generator().manual_seed(3)
     delta = torch.randn(1001, generator=generator, dtype=dtype)

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from conftest import hub_cache_model, invoke, read_json, run_subprocess, sparse_tune, write
 from mergecli.cli._common import plan_recipe
-from mergecli.execute import run_plan
+from mergecli.engine.run import run_plan
 
 
 def state(folder: Path) -> dict[str, torch.Tensor]:
@@ -525,8 +525,8 @@ def test_nan_anywhere_in_a_blocked_tensor_with_statistics_is_found(
 
 
 def test_sums_that_overflow_do_not_vouch_and_do_not_accuse(family: dict[str, Path]) -> None:
-    from mergecli.execute import _check_unvouched
-    from mergecli.plan import InputRef
+    from mergecli.engine.numerics import check_unvouched
+    from mergecli.plan.types import InputRef
 
     text = (
         f"merge_method: dare_ties\nbase_model: {family['base']}\n"
@@ -535,11 +535,11 @@ def test_sums_that_overflow_do_not_vouch_and_do_not_accuse(family: dict[str, Pat
     plan = plan_recipe(write(family["base"].parent / "vouch.yaml", text))
     refs = [InputRef(0, "x"), InputRef(1, "x")]
     finite = [torch.full((2, 2), 3e38), torch.zeros(2, 2)]
-    _check_unvouched(plan, refs, finite, [[[float("inf")], [1.0]]], True)  # overflowed: checked
+    check_unvouched(plan, refs, finite, [[[float("inf")], [1.0]]], True)  # overflowed: checked
     nan = [torch.zeros(2, 2), torch.tensor([[0.0, float("nan")], [0.0, 0.0]])]
     with pytest.raises(Exception, match="holds 1 NaN/Inf"):
-        _check_unvouched(plan, refs, nan, [[]], True)  # no sums: the base is checked
-    _check_unvouched(plan, refs, nan, [[[1.0]]], True)  # finite sums vouch (the premise)
+        check_unvouched(plan, refs, nan, [[]], True)  # no sums: the base is checked
+    check_unvouched(plan, refs, nan, [[[1.0]]], True)  # finite sums vouch (the premise)
 
 
 def test_online_hub_path_with_a_mocked_transport(

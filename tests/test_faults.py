@@ -195,8 +195,8 @@ def test_kill_and_resume_is_byte_identical(big_pair: tuple[Path, Path], tmp_path
 
 
 def test_resume_recomputes_a_damaged_shard(big_pair: tuple[Path, Path], tmp_path: Path) -> None:
-    from mergecli import progress as progress_file
-    from mergecli.io.output import MARKER
+    from mergecli.output import resume as progress_file
+    from mergecli.output.folder import MARKER
 
     recipe = str(big_recipe(tmp_path, big_pair))
     common = ["--shard-size", "20MB", "--reproducible"]

@@ -17,7 +17,8 @@ from mergecli.errors import CorruptFileError
 from mergecli.io.dtypes import TORCH_TO_CODE
 from mergecli.io.header import read_header
 from mergecli.io.writer import ShardWriter
-from mergecli.plan import TensorPlan, assign_shards, shard_name
+from mergecli.plan.shards import assign_shards, shard_name
+from mergecli.plan.types import TensorPlan
 
 
 def raw_file(path: Path, header: object, data: bytes = b"") -> Path:

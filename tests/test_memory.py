@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from conftest import invoke, write
 from mergecli.cli._common import plan_recipe
-from mergecli.execute import RUNTIME_BYTES, Budget, budget_for, plan_jobs, predict_peak
+from mergecli.engine.jobs import plan_jobs
+from mergecli.engine.memory import RUNTIME_BYTES, Budget, budget_for, predict_peak
 
 
 def ties_recipe(family: dict[str, Path], tmp_path: Path) -> Path:
@@ -109,7 +110,8 @@ def test_a_budget_that_cannot_be_met_is_warned_about(
 def test_what_dare_holds_between_passes_is_predicted(
     family: dict[str, Path], tmp_path: Path
 ) -> None:
-    from mergecli.execute import held_between_passes, input_cache_bytes, kept_bits, row_blocks
+    from mergecli.engine.blocks import row_blocks
+    from mergecli.engine.memory import held_between_passes, input_cache_bytes, kept_bits
 
     dare = ties_recipe(family, tmp_path).read_text().replace("ties", "dare_ties")
     plan = plan_recipe(write(tmp_path / "dare.yaml", dare))

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mergecli import methods
-from mergecli.methods.blocks import keep_count, top_k_mask
+from mergecli.methods.kernels.topk import keep_count, top_k_mask
 from mergecli.methods.spec import MergeArgs
 
 RNG = np.random.default_rng(1234)

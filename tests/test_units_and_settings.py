@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mergecli.layers import is_pre_layer, layer_counts, split_layer
+from mergecli.model.layers import is_pre_layer, layer_counts, split_layer
 from mergecli.recipe.settings import Condition, evaluate
 from mergecli.units import parse_size
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from mergecli.errors import RecipeError, UsageError
-from mergecli.plan import MergePlan, build_plan
+from mergecli.plan.build import build_plan
+from mergecli.plan.types import MergePlan
 from mergecli.recipe.load import load_recipe
 from mergecli.units import parse_size
 

@@ -15,7 +15,7 @@ from mergecli.cli._errors import handle_errors
 from mergecli.cli._options import JsonOpt
 from mergecli.errors import UsageError
 from mergecli.methods.spec import MethodSpec
-from mergecli.suggest import did_you_mean
+from mergecli.recipe.suggest import did_you_mean
 
 
 def method_to_dict(spec: MethodSpec) -> dict[str, Any]:

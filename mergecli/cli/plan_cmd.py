@@ -11,9 +11,9 @@ from mergecli.cli._common import plan_recipe
 from mergecli.cli._console import stdout_console
 from mergecli.cli._errors import handle_errors
 from mergecli.cli._options import JsonOpt, RecipeArg, SeedOpt, ShardSizeOpt
-from mergecli.execute import budget_for, predict_peak
+from mergecli.engine.memory import budget_for, predict_peak
 from mergecli.io.dtypes import CODE_TO_NAME
-from mergecli.plan import MergePlan, TensorPlan
+from mergecli.plan.types import MergePlan, TensorPlan
 from mergecli.units import format_size
 
 T_NOTE = (

@@ -14,7 +14,7 @@ from rich.table import Table
 from mergecli.cli._console import stdout_console
 from mergecli.cli._errors import handle_errors
 from mergecli.errors import NotFoundError, OutputError
-from mergecli.suggest import did_you_mean
+from mergecli.recipe.suggest import did_you_mean
 
 app = typer.Typer(
     help="Bundled example recipes (they run offline on the bundled tiny models).",

@@ -16,7 +16,6 @@ import torch
 import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
-from mergecli.card import card_license
 from mergecli.cli._common import plan_recipe, size_option
 from mergecli.cli._console import STDERR
 from mergecli.cli._errors import handle_errors
@@ -31,17 +30,12 @@ from mergecli.cli._options import (
     ShardSizeOpt,
     ThreadsOpt,
 )
+from mergecli.engine.device import resolve_device
+from mergecli.engine.memory import PIPELINE_JOBS, Budget, budget_for, predict_peak
+from mergecli.engine.run import RunResult, run_plan
 from mergecli.errors import UsageError
-from mergecli.execute import (
-    PIPELINE_JOBS,
-    Budget,
-    RunResult,
-    budget_for,
-    predict_peak,
-    resolve_device,
-    run_plan,
-)
-from mergecli.plan import MergePlan, TensorPlan
+from mergecli.output.card import card_license
+from mergecli.plan.types import MergePlan, TensorPlan
 from mergecli.units import format_size
 
 EXAMPLES = """

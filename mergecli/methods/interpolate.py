@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from mergecli.methods.blocks import exact_quantile, exact_total, row_sums
+from mergecli.methods.kernels.sums import exact_quantile, exact_total, row_sums
 from mergecli.methods.spec import BlockSums, MergeArgs, MethodSpec, ParamSpec
 
 PARALLEL = 0.9995

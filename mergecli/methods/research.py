@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from mergecli.methods.blocks import keep_count, top_k_mask
+from mergecli.methods.kernels.topk import keep_count, top_k_mask
 from mergecli.methods.spec import MergeArgs, MethodSpec, ParamSpec
 from mergecli.methods.task_vectors import LAMBDA
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import torch
 
-from mergecli.methods.selection import Selection
+from mergecli.methods.kernels.selection import Selection
 
 ParamType = Literal["float", "int", "bool", "str"]
 Scope = Literal["model", "global"]

@@ -12,26 +12,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from mergecli.methods.blocks import (
-    bernoulli_keep,
+from mergecli.methods.dropout import dare_drop, dare_keep, magprune, magprune_probabilities
+from mergecli.methods.kernels.bernoulli import bernoulli_keep, pack_bits, unpack_bits
+from mergecli.methods.kernels.selection import select_mask
+from mergecli.methods.kernels.sign import disjoint_merge, elect_sign
+from mergecli.methods.kernels.sums import l1_factor, row_sums
+from mergecli.methods.kernels.topk import (
     breadcrumbs_counts,
     breadcrumbs_mask,
-    dare_drop,
-    dare_keep,
-    disjoint_merge,
-    elect_sign,
     keep_count,
     keep_selected,
-    l1_factor,
     magnitude_sparsify,
-    magprune,
-    magprune_probabilities,
-    pack_bits,
-    row_sums,
     top_k_mask,
-    unpack_bits,
 )
-from mergecli.methods.selection import select_mask
 from mergecli.methods.spec import BlockSums, MergeArgs, MethodSpec, ParamSpec
 
 Sparsify = Callable[[MergeArgs, int, torch.Tensor], torch.Tensor]

@@ -13,7 +13,7 @@ from mergecli.errors import Problem
 from mergecli.methods.spec import MethodSpec
 from mergecli.recipe.schema import InputModel, InputSlice, ModelRef, OutputSlice, Recipe
 from mergecli.recipe.settings import leaf_values
-from mergecli.suggest import closest
+from mergecli.recipe.suggest import closest
 
 
 def check_recipe(recipe: Recipe) -> list[Problem]:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 from mergecli.errors import Problem, RecipeError
 from mergecli.recipe.check import check_raw, check_recipe
 from mergecli.recipe.schema import Recipe
-from mergecli.suggest import closest
+from mergecli.recipe.suggest import closest
 
 MAX_RECIPE_BYTES = 1_000_000
 _OWN_ERRORS = {

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, StrictBool, StrictFloat, StrictInt
 from pydantic_core import PydanticCustomError
 
-from mergecli.suggest import did_you_mean
+from mergecli.recipe.suggest import did_you_mean
 
 Scalar = StrictBool | StrictInt | StrictFloat | str
 ScalarOrGradient = Scalar | list[Scalar]

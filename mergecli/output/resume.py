@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mergecli.io.source import LocalSource
-from mergecli.plan import MergePlan
+from mergecli.plan.types import MergePlan
 
 PROGRESS = ".mergecli-progress.json"
 

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from mergecli.methods.spec import MergeArgs, MethodSpec
-from mergecli.plan import TensorPlan
-from mergecli.vocab import VocabPlan
+from mergecli.plan.types import TensorPlan
+from mergecli.vocab.tokens import VocabPlan
 
 
 def _placed(

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from mergecli.io.source import HubSource
-from mergecli.plan import MergePlan
+from mergecli.plan.types import MergePlan
 from mergecli.recipe.settings import to_plain
 
 

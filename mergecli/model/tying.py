@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mergecli.io.checkpoint import ModelInfo
-from mergecli.layers import is_pre_layer, split_layer
+from mergecli.model.layers import is_pre_layer, split_layer
 
 _WORD_EMBEDDING = re.compile(
     r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|embed_in|tok_embeddings|shared)\.weight$"

@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from mergecli.embeddings import word_embedding
 from mergecli.errors import Problem
 from mergecli.io.checkpoint import ModelInfo
+from mergecli.model.tying import word_embedding
 from mergecli.recipe.schema import ModelRef, ModelTokenSource, Recipe, ZeroTokenSource
-from mergecli.vocab import NewToken, VocabPlan, Vocabulary, padded, row_map, union
+from mergecli.vocab.tokens import NewToken, VocabPlan, Vocabulary, padded, row_map, union
 
 NO_JSON_HINT = (
     "rows are matched by token string, which needs each model's fast tokenizer file; write it "

@@ -2,118 +2,49 @@
 
 Built from the recipe, configs and safetensors headers only; no weight is read. Every
 problem (missing tensors, shape mismatches, layer ranges out of bounds, parameters that do
-not resolve) is collected and raised together.
-"""
+not resolve) is collected and raised together."""
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import math
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from mergecli import methods
-from mergecli.chat_template import resolve_template
-from mergecli.embeddings import Tying, find_tying, set_untied, word_embedding
-from mergecli.errors import MergecliError, Problem, RecipeError
-from mergecli.io.checkpoint import ModelInfo, TensorInfo, load_model_info
-from mergecli.io.dtypes import CODE_TO_NAME, FLOAT_CODES, ITEMSIZE, NAME_TO_CODE
-from mergecli.io.source import resolve_source
-from mergecli.layers import is_pre_layer, layer_counts, main_stack, split_layer
+from mergecli.errors import Problem, RecipeError
+from mergecli.io.checkpoint import ModelInfo, TensorInfo
+from mergecli.io.dtypes import CODE_TO_NAME, FLOAT_CODES, NAME_TO_CODE
 from mergecli.methods.spec import MethodSpec
-from mergecli.plan_vocab import TokenizerFacts, plan_vocabulary
+from mergecli.model.layers import is_pre_layer, layer_counts, split_layer
+from mergecli.model.tying import Tying, find_tying, set_untied, word_embedding
+from mergecli.plan.inputs import (
+    LAYER_COUNT_KEYS,
+    layer_section,
+    load_models,
+    main_stack_of,
+    recipe_place,
+    tokenizer_facts,
+)
+from mergecli.plan.params import lookup, unresolved
+from mergecli.plan.post import apply_lines
+from mergecli.plan.shards import DEFAULT_SHARD_BYTES, assign_shards
+from mergecli.plan.types import InputRef, MergePlan, Section, TensorPlan
 from mergecli.recipe.schema import ModelRef, Recipe
-from mergecli.recipe.settings import Parameters, evaluate
-from mergecli.vocab import VocabPlan, parse_tokenizer
+from mergecli.recipe.settings import Parameters
+from mergecli.vocab.chat_template import resolve_template
+from mergecli.vocab.planning import TokenizerFacts, plan_vocabulary
+from mergecli.vocab.tokens import VocabPlan
 
-Section = Literal["pre", "layer", "post"]
-DEFAULT_SHARD_BYTES = 5 * 10**9
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 DECODER_COUNT_KEYS = ("num_decoder_layers", "decoder_layers")
+
+
 MAX_TENSOR_PROBLEMS = 3
-TOKENIZER_DEFINING = ("tokenizer.model", "spiece.model", "vocab.json", "merges.txt", "vocab.txt")
+
+
 _POSITIONAL = re.compile(r"position|token_type|patch|pos_emb")
-
-
-@dataclass(frozen=True)
-class InputRef:
-    """One input tensor: model index into `MergePlan.models` and tensor name."""
-
-    model: int
-    name: str
-
-
-@dataclass(frozen=True)
-class TensorPlan:
-    """What to compute for one output tensor."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    section: Section
-    layer: int | None
-    t: float
-    inputs: tuple[InputRef, ...]
-    base: InputRef | None
-    params: Mapping[str, Any]
-    per_model: tuple[Mapping[str, Any], ...]
-    copy: bool
-    shard: int = 0
-    post_scale: float | None = None
-    vocab_names: Mapping[int, str] | None = field(default=None, compare=False)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes this tensor takes in the output."""
-        return math.prod(self.shape) * ITEMSIZE[self.dtype]
-
-    @property
-    def numel(self) -> int:
-        """Number of elements."""
-        return math.prod(self.shape)
-
-    @property
-    def row_numel(self) -> int:
-        """Elements per row (along the first dimension); all of them for 0-D/empty tensors."""
-        return self.numel // self.shape[0] if self.shape and self.shape[0] else self.numel
-
-
-@dataclass(frozen=True)
-class MergePlan:
-    """The whole merge, ready to execute."""
-
-    recipe: Recipe
-    method: MethodSpec
-    models: tuple[ModelInfo, ...]
-    refs: tuple[ModelRef, ...]
-    template: int
-    tensors: tuple[TensorPlan, ...]
-    shard_names: tuple[str, ...]
-    config: dict[str, Any]
-    seed: int
-    notes: tuple[str, ...] = field(default=())
-    vocab: VocabPlan | None = None
-    chat_template: str | None = None
-
-    @property
-    def total_bytes(self) -> int:
-        """Bytes of tensor data written."""
-        return sum(t.nbytes for t in self.tensors)
-
-    @property
-    def read_bytes(self) -> int:
-        """Bytes of distinct input tensor data read."""
-        seen = {
-            (ref.model, ref.name)
-            for t in self.tensors
-            for ref in (*t.inputs, *([t.base] if t.base else []))
-        }
-        return sum(self.models[m].tensors[n].nbytes for m, n in seen)
 
 
 def build_plan(
@@ -126,7 +57,7 @@ def build_plan(
     spec = methods.get(recipe.merge_method)
     assert spec is not None, "recipe was checked against the registry"
     refs = recipe.referenced_models()
-    models, problems = _load_models(recipe, refs, recipe_dir)
+    models, problems = load_models(recipe, refs, recipe_dir)
     if problems:
         raise RecipeError(problems)
     builder = _Builder(recipe, spec, refs, models, [tokenizer_facts(m) for m in models])
@@ -149,50 +80,6 @@ def build_plan(
         vocab=builder.vocab,
         chat_template=builder.chat_template,
     )
-
-
-def _where(recipe: Recipe, ref: ModelRef) -> str:
-    if recipe.base_model == ref:
-        return "base_model"
-    for i, m in enumerate(recipe.models or []):
-        if m.model == ref:
-            return f"models[{i}].model"
-    for i, s in enumerate(recipe.slices or []):
-        for j, src in enumerate(s.sources):
-            if src.model == ref:
-                return f"slices[{i}].sources[{j}].model"
-    return "tokenizer_source"
-
-
-def tokenizer_facts(model: ModelInfo) -> TokenizerFacts:
-    """The vocabulary in `tokenizer.json`, or a digest of the other tokenizer files."""
-    files = set(model.source.files())
-    vocab = None
-    if "tokenizer.json" in files:
-        document = json.loads(model.source.local("tokenizer.json").read_text(encoding="utf-8"))
-        try:
-            vocab = parse_tokenizer(document)
-        except ValueError:
-            vocab = None
-    defining = sorted(f for f in files if f in TOKENIZER_DEFINING or f.endswith(".tiktoken"))
-    digest = hashlib.sha256()
-    for name in defining:
-        digest.update(name.encode() + b"\0" + model.source.local(name).read_bytes())
-    listed = (["tokenizer.json"] if "tokenizer.json" in files else []) + defining
-    return TokenizerFacts(vocab, digest.hexdigest() if defining else None, tuple(listed))
-
-
-def _load_models(
-    recipe: Recipe, refs: list[ModelRef], recipe_dir: Path | None
-) -> tuple[list[ModelInfo], list[Problem]]:
-    models: list[ModelInfo] = []
-    problems: list[Problem] = []
-    for ref in refs:
-        try:
-            models.append(load_model_info(resolve_source(ref, recipe_dir)))
-        except MergecliError as exc:
-            problems.append(Problem(_where(recipe, ref), exc.message, exc.hint, code=exc.exit_code))
-    return models, problems
 
 
 @dataclass(frozen=True)
@@ -234,7 +121,7 @@ class _Builder:
         self.problems: list[Problem] = []
         self.notes: list[str] = []
         self.template = self._template_index()
-        self.main_stacks = [_main_stack_of(m) for m in models]
+        self.main_stacks = [main_stack_of(m) for m in models]
         self.stack = self.main_stacks[self.template]
         self.depth = layer_counts(list(models[self.template].tensors)).get(self.stack or "", 0)
         self.layer_sources: list[tuple[int, int]] = []
@@ -332,7 +219,7 @@ class _Builder:
         states = [self._read_json(s.model, self.spec.reads) for s in sources]
         params = {}
         for spec in self.spec.scoped("global"):
-            value = _lookup(spec.name, "", 0.0, [self.recipe.parameters])
+            value = lookup(spec.name, "", 0.0, [self.recipe.parameters])
             params[spec.name] = spec.default if value is None else value
         try:
             prepared = self.spec.prepare(states, params)
@@ -410,7 +297,7 @@ class _Builder:
         return out
 
     def _plan_vocab(self, used: list[int]) -> None:
-        where = {i: _where(self.recipe, ref) for i, ref in enumerate(self.refs)}
+        where = {i: recipe_place(self.recipe, ref) for i, ref in enumerate(self.refs)}
         facts = dict(enumerate(self.facts))
         self.vocab, problems = plan_vocabulary(
             self.recipe, self.refs, self.models, self.template, used, facts, where
@@ -687,12 +574,12 @@ class _Builder:
         params: dict[str, Any] = {}
         ok = True
         for spec in self.spec.scoped("global"):
-            value = _lookup(spec.name, out_name, t, [group.params, top])
+            value = lookup(spec.name, out_name, t, [group.params, top])
             if value is None:
                 value = spec.default
             if value is None and spec.required:
                 ok = False
-                self.problems.append(_unresolved(spec.name, out_name, "parameters"))
+                self.problems.append(unresolved(spec.name, out_name, "parameters"))
             params[spec.name] = value
         per_model = []
         for source, name in picked:
@@ -700,13 +587,13 @@ class _Builder:
             for spec in self.spec.scoped("model"):
                 if spec.name in values:
                     continue
-                value = _lookup(spec.name, name, t, [source.params, group.params, top])
+                value = lookup(spec.name, name, t, [source.params, group.params, top])
                 if value is None:
                     value = spec.default
                 if value is None and spec.required:
                     ok = False
                     self.problems.append(
-                        _unresolved(spec.name, out_name, f"{source.where}.parameters")
+                        unresolved(spec.name, out_name, f"{source.where}.parameters")
                     )
                 values[spec.name] = value
             per_model.append(values)
@@ -731,7 +618,7 @@ class _Builder:
         if self.recipe.slices:
             self._update_layer_fields(config)
         if self.vocab is not None:
-            section = _layer_section(config, self.stack or "")
+            section = layer_section(config, self.stack or "")
             if section.get("vocab_size") != self.vocab.rows:
                 self.notes.append(
                     f"vocabulary: {len(self.vocab.tokens)} tokens "
@@ -751,7 +638,7 @@ class _Builder:
         """Set the new depth and reorder per-layer lists (`layer_types`, ...) in the config
         section that describes the main stack (`text_config` of a multimodal model)."""
         new_depth = len(self.layer_sources)
-        section = _layer_section(config, self.stack or "")
+        section = layer_section(config, self.stack or "")
         keys = [k for k in DECODER_COUNT_KEYS if "decoder" in (self.stack or "") and k in section]
         for key in keys or LAYER_COUNT_KEYS:
             if section.get(key) == self.depth:
@@ -763,75 +650,3 @@ class _Builder:
             self.notes.append(
                 f"layers: {self.depth} in the base/first model -> {new_depth} in the output"
             )
-
-
-def _layer_section(config: dict[str, Any], stack: str) -> dict[str, Any]:
-    text = config.get("text_config")
-    vision = any(word in stack for word in ("vision", "visual"))
-    return text if isinstance(text, dict) and not vision else config
-
-
-def apply_lines(recipe: Recipe, tensors: list[TensorPlan]) -> list[TensorPlan]:
-    """LiNeS: scale each merged task vector by alpha + beta * l / (L - 1) for layer l of L
-    (per layer stack of the output); tensors outside the layers get alpha."""
-    lines = recipe.post.lines if recipe.post else None
-    if lines is None:
-        return tensors
-    depths = layer_counts([t.name for t in tensors])
-    out = []
-    for tensor in tensors:
-        split = split_layer(tensor.name)
-        frac = 0.0
-        if split is not None and depths[split.stack] > 1:
-            frac = split.index / (depths[split.stack] - 1)
-        scale = lines.alpha + lines.beta * frac
-        out.append(replace(tensor, post_scale=scale) if tensor.base is not None else tensor)
-    return out
-
-
-def _main_stack_of(model: ModelInfo) -> str | None:
-    section = _layer_section(model.config, "")
-    depth = next((section[k] for k in LAYER_COUNT_KEYS if isinstance(section.get(k), int)), None)
-    return main_stack(list(model.tensors), depth)
-
-
-def _lookup(name: str, tensor: str, t: float, blocks: Sequence[Parameters | None]) -> Any:
-    for block in blocks:
-        if block is not None and name in block:
-            value = evaluate(block[name], tensor, t)
-            if value is not None:
-                return value
-    return None
-
-
-def _unresolved(param: str, tensor: str, where: str) -> Problem:
-    return Problem(
-        where,
-        f"parameter `{param}` has no value for tensor `{tensor}` (no filter condition matched)",
-        "add a catch-all condition without `filter` (e.g. `- value: 1.0`)",
-    )
-
-
-def shard_name(index: int, count: int) -> str:
-    """HF shard file name: `model.safetensors` alone, else `model-00001-of-00003.safetensors`."""
-    return (
-        "model.safetensors" if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
-    )
-
-
-def assign_shards(
-    tensors: Sequence[TensorPlan], shard_bytes: int
-) -> tuple[list[TensorPlan], tuple[str, ...]]:
-    """Fill shards in order, starting a new one when the next tensor would overflow it."""
-    shard, used, out = 0, 0, []
-    for tensor in tensors:
-        if used > 0 and used + tensor.nbytes > shard_bytes:
-            shard, used = shard + 1, 0
-        used += tensor.nbytes
-        out.append(_with_shard(tensor, shard))
-    count = shard + 1
-    return out, tuple(shard_name(i, count) for i in range(count))
-
-
-def _with_shard(tensor: TensorPlan, shard: int) -> TensorPlan:
-    return replace(tensor, shard=shard)

@@ -1,0 +1,1 @@
+"""The engine: execute a plan tensor by tensor (compute, numerics, row blocks, statistics, pipeline, memory, device)."""

@@ -1,0 +1,34 @@
+"""Row blocks and jobs: how a tensor is cut for computing, one job per block."""
+
+from __future__ import annotations
+
+import torch
+
+from mergecli.engine.inputs import work_dtype
+from mergecli.plan.types import MergePlan, TensorPlan
+
+BLOCK_ELEMENTS = 1 << 19
+
+
+def block_numel(tensor: TensorPlan, rows: tuple[int, int] | None) -> int:
+    """Entries of `tensor`'s block `rows` (all of them for None)."""
+    return tensor.numel if rows is None else (rows[1] - rows[0]) * tensor.row_numel
+
+
+def row_blocks(
+    plan: MergePlan, tensor: TensorPlan, block_elements: int
+) -> list[tuple[int, int] | None]:
+    """Row ranges to compute `tensor` in: one block (None) unless the method is element-wise
+    (or the tensor a copy) and the tensor is larger than `block_elements`."""
+    blockable = (tensor.copy or plan.method.blockwise) and tensor.vocab_names is None
+    if not blockable or tensor.numel <= block_elements or len(tensor.shape) < 2:
+        return [None]
+    if (
+        not tensor.copy
+        and plan.method.topk is not None
+        and work_dtype(plan, tensor) != torch.float32
+    ):
+        return [None]
+    rows = tensor.shape[0]
+    step = max(1, block_elements // tensor.row_numel)
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]

@@ -1,0 +1,1 @@
+"""Fast exact kernels, each equal to a plain expression of `methods.reference`."""

@@ -1,0 +1,55 @@
+"""Sums that do not depend on how a tensor is cut into row blocks, and exact quantiles."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+
+def rescale_l1(
+    original: torch.Tensor, kept: torch.Tensor, norms: tuple[float, float] | None = None
+) -> torch.Tensor:
+    """Scale `kept` in place so its L1 norm equals `original`'s (unchanged when either is
+    ~0); `norms` = (|original|_1, |kept|_1) over the whole tensor when these are a block."""
+    factor = l1_factor(norms if norms is not None else dare_norms(original, kept))
+    return kept if factor == 1 else kept.mul_(factor)
+
+
+def l1_factor(norms: tuple[float, float]) -> float:
+    """|original|_1 / |kept|_1 from `norms` = (|original|_1, |kept|_1); 1 when either is ~0."""
+    before, after = norms
+    return before / after if before >= 1e-8 and after >= 1e-8 else 1.0
+
+
+def dare_norms(delta: torch.Tensor, kept: torch.Tensor) -> tuple[float, float]:
+    """(|delta|_1, |kept|_1), the same however the tensor is cut into row blocks: sums of
+    each row in the work dtype (cascade summation; float32 for 16-bit inputs: this is a
+    rescale factor, not an output value), added exactly."""
+    work = delta.dtype
+    return exact_total([row_sums(delta.abs(), work)]), exact_total([row_sums(kept.abs(), work)])
+
+
+def row_sums(values: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Sum of each row accumulated in `dtype` (a 0-D or 1-D tensor is one row): a row's sum
+    does not depend on which block of rows it was computed in."""
+    rows = values.reshape(values.shape[0] if values.dim() > 1 else 1, -1)
+    return rows.sum(dim=1, dtype=dtype)
+
+
+def exact_total(parts: Sequence[torch.Tensor]) -> float:
+    """The correctly rounded sum of per-row sums (math.fsum), independent of their grouping."""
+    return math.fsum(torch.cat([p.reshape(-1) for p in parts]).tolist()) if parts else 0.0
+
+
+def exact_quantile(values: torch.Tensor, q: float) -> float:
+    """The q-quantile with linear interpolation (numpy's default), by selection, not sorting."""
+    flat = values.reshape(-1)
+    position = q * (flat.numel() - 1)
+    low = math.floor(position)
+    a = float(torch.kthvalue(flat, low + 1).values)
+    if position == low:
+        return a
+    b = float(torch.kthvalue(flat, low + 2).values)
+    return a + (position - low) * (b - a)

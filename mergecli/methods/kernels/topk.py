@@ -1,0 +1,93 @@
+"""Exact top-k by magnitude: `keep_count` entries kept, ties at the threshold lowest flat index first.
+
+The threshold is found by selection, not sorting (a two-pass radix select on the bits of float32
+magnitudes, `torch.kthvalue` otherwise). Equal to `reference.top_k_mask`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from mergecli.methods.kernels.selection import Selection, select_mask, tied_kept, whole_selection
+
+
+def keep_count(numel: int, density: float) -> int:
+    """floor(density * n) (up to float noise), at least 1 when density > 0, at most n."""
+    if density <= 0 or numel == 0:
+        return 0
+    return min(numel, max(1, math.floor(density * numel + 1e-9)))
+
+
+def top_k_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of exactly `k` largest entries of `magnitude` (ties: lowest index first)."""
+    flat = magnitude.reshape(-1)
+    n = flat.numel()
+    if k >= n:
+        return torch.ones_like(magnitude, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(magnitude, dtype=torch.bool)
+    if radix_ready(flat):
+        return select_mask(magnitude, whole_selection(flat, k))
+    threshold = torch.kthvalue(flat, n - k + 1).values
+    mask = flat > threshold
+    missing = k - int(mask.sum())
+    if missing > 0:
+        tied = torch.nonzero(flat == threshold).reshape(-1)[:missing]
+        mask[tied] = True
+    return mask.reshape(magnitude.shape)
+
+
+def radix_ready(values: torch.Tensor) -> bool:
+    """float32 and non-negative: bit patterns order like the values (radix selection)."""
+    return values.dtype == torch.float32 and bool((values >= 0).all())
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry (1-based) of a flat tensor, exactly."""
+    if not radix_ready(values) or k >= values.numel():
+        return torch.kthvalue(values, values.numel() - k + 1).values
+    return torch.tensor(whole_selection(values, k).threshold, dtype=values.dtype)
+
+
+def magnitude_sparsify(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES trim: keep the `keep_count` entries of largest magnitude, zero the rest."""
+    if density >= 1:
+        return delta
+    magnitude, k = delta.abs(), keep_count(delta.numel(), density)
+    if magnitude.dtype != torch.float32 or k in (0, delta.numel()):
+        return delta * top_k_mask(magnitude, k)
+    return keep_selected(delta, whole_selection(magnitude, k))
+
+
+def keep_selected(delta: torch.Tensor, selection: Selection) -> torch.Tensor:
+    """`delta` with the entries `selection` does not keep zeroed (of its magnitudes)."""
+    if selection.keep == "some" and selection.threshold == 0.0:
+        return delta  # entries at a zero threshold are zero: the mask changes nothing
+    if selection.keep != "some":
+        return delta * select_mask(delta, selection)
+    # |d| > t kept, others 0, sign restored: three float passes, no boolean arithmetic
+    kept = torch.copysign(F.threshold(delta.abs(), selection.threshold, 0.0), delta)
+    if selection.equal > 0:
+        index = tied_kept(delta.abs(), selection)
+        kept.reshape(-1)[index] = delta.reshape(-1)[index]
+    return kept
+
+
+def breadcrumbs_mask(magnitude: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Drop the `gamma` fraction of largest entries, then the smallest, keeping `density`.
+
+    With floor(gamma n) = 0 nothing is dropped from the top (mergekit zeroes the whole
+    tensor there; that is a bug we do not copy).
+    """
+    upto, top = breadcrumbs_counts(magnitude.numel(), density, gamma)
+    return top_k_mask(magnitude, upto) & ~top_k_mask(magnitude, top)
+
+
+def breadcrumbs_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """(entries kept before dropping the top, entries dropped from the top)."""
+    target = keep_count(n, density) if density < 1 else n
+    n_top = min(math.floor(gamma * n + 1e-9), n - target)
+    return target + n_top, n_top

@@ -1,0 +1,1 @@
+"""Model structure read from tensor names and configs: layer stacks, tied embeddings."""

@@ -1,0 +1,1 @@
+"""The output folder: atomic build, model card, manifest, resume records, side files."""

@@ -1,0 +1,1 @@
+"""Vocabularies: token maps, the output vocabulary, row re-indexing, tokenizer files, chat templates."""
