@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import pickle
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ import torch
 
 from mergecli.errors import CorruptFileError, NotFoundError
 from mergecli.io.dtypes import ITEMSIZE, TORCH_TO_CODE
+from mergecli.io.jsonfile import read_json_object
 from mergecli.io.source import ModelSource
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -60,7 +60,7 @@ def load_model_info(source: ModelSource) -> ModelInfo:
             f"{source.label}: no config.json",
             hint="point at a folder or repo of a transformers model",
         )
-    config = _read_json(source.local("config.json"), source.label)
+    config = read_json_object(source.local("config.json"), source.label)
     if SAFE_INDEX in files:
         tensors = _from_safetensors_index(source)
         fmt: Literal["safetensors", "bin"] = "safetensors"
@@ -83,16 +83,6 @@ def load_model_info(source: ModelSource) -> ModelInfo:
     return ModelInfo(source.label, source, config, tensors, fmt)
 
 
-def _read_json(path: Path, label: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptFileError(f"{label}: cannot read {path.name}: {exc}") from None
-    if not isinstance(data, dict):
-        raise CorruptFileError(f"{label}: {path.name} is not a JSON object")
-    return data
-
-
 def _from_safetensors_files(source: ModelSource, names: list[str]) -> dict[str, TensorInfo]:
     tensors: dict[str, TensorInfo] = {}
     for filename in names:
@@ -107,7 +97,7 @@ def _from_safetensors_files(source: ModelSource, names: list[str]) -> dict[str, 
 
 
 def _from_safetensors_index(source: ModelSource) -> dict[str, TensorInfo]:
-    index = _read_json(source.local(SAFE_INDEX), source.label)
+    index = read_json_object(source.local(SAFE_INDEX), source.label)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CorruptFileError(f"{source.label}: {SAFE_INDEX} has no weight_map")
@@ -141,7 +131,7 @@ def load_bin(path: Path, label: str) -> dict[str, torch.Tensor]:
 
 def _from_bin(source: ModelSource, files: set[str]) -> dict[str, TensorInfo]:
     if BIN_INDEX in files:
-        weight_map = _read_json(source.local(BIN_INDEX), source.label).get("weight_map") or {}
+        weight_map = read_json_object(source.local(BIN_INDEX), source.label).get("weight_map") or {}
         shards = sorted(set(weight_map.values()))
     else:
         shards = [BIN_SINGLE]

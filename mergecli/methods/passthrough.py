@@ -23,4 +23,6 @@ SPEC = MethodSpec(
     max_models=1,
     paper="https://arxiv.org/abs/2312.15166",
     elementwise=True,
+    copies=lambda params: params.get("scale") in (None, 1),
+    count_hint="to stack layers of several models use `slices:`",
 )

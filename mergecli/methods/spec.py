@@ -132,6 +132,9 @@ class MethodSpec:
     prepare: Prepare | None = None
     masks: Callable[[MergeArgs], list[torch.Tensor]] | None = None
     elementwise: bool = False
+    copies: Callable[[Mapping[str, Any]], bool] | None = None  # with these method-wide
+    # parameters the output is the single input unchanged (a plain copy, no math)
+    count_hint: str = ""  # what to do instead when a recipe gives the wrong model count
     topk: TopK | None = None
     sums: Callable[[MergeArgs], BlockSums] | None = None  # model i's sums run over every
     # entry of its tensor and of the base: finite sums vouch that those inputs are finite

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from mergecli.io.jsonfile import read_json
 from mergecli.io.source import LocalSource
 from mergecli.io.writer import ShardWriter
 from mergecli.output.card import render_card
@@ -59,17 +60,15 @@ def write_side_files(plan: MergePlan, work: Path, writer: ShardWriter, recipe_te
     (work / "README.md").write_text(render_card(plan, recipe_text), encoding="utf-8")
 
 
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def _write_union_tokenizer(plan: MergePlan, work: Path) -> None:
     """tokenizer.json with the union's tokens; tokenizer_config.json lists new added tokens."""
     assert plan.vocab is not None
     new = plan.vocab.new_tokens
-    template = _read_json(plan.models[plan.template].source.local("tokenizer.json"))
+    template = read_json(
+        plan.models[plan.template].source.local("tokenizer.json"), plan.models[plan.template].label
+    )
     documents = {
-        m: _read_json(plan.models[m].source.local("tokenizer.json"))
+        m: read_json(plan.models[m].source.local("tokenizer.json"), plan.models[m].label)
         for m in dict.fromkeys(t.model for t in new)
     }
     merged = union_document(template, documents, new)
@@ -77,7 +76,7 @@ def _write_union_tokenizer(plan: MergePlan, work: Path) -> None:
     config_path = work / "tokenizer_config.json"
     if not config_path.exists():
         return
-    config = _read_json(config_path)
+    config = read_json(config_path, "output")
     decoder = config.get("added_tokens_decoder")
     if isinstance(decoder, dict):
         for entry in merged.get("added_tokens") or []:

@@ -3,35 +3,81 @@
 from __future__ import annotations
 
 import hashlib
-import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergecli.errors import MergecliError, Problem
+from mergecli import methods
+from mergecli.errors import MergecliError, Problem, RecipeError
 from mergecli.io.checkpoint import ModelInfo, load_model_info
+from mergecli.io.jsonfile import read_json
 from mergecli.io.source import resolve_source
-from mergecli.model.layers import main_stack
+from mergecli.methods.spec import MethodSpec
+from mergecli.model.layers import layer_counts, main_stack
+from mergecli.recipe.refs import recipe_place, referenced_models
 from mergecli.recipe.schema import ModelRef, Recipe
 from mergecli.vocab.planning import TokenizerFacts
 from mergecli.vocab.tokens import parse_tokenizer
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-
-
 TOKENIZER_DEFINING = ("tokenizer.model", "spiece.model", "vocab.json", "merges.txt", "vocab.txt")
 
 
-def recipe_place(recipe: Recipe, ref: ModelRef) -> str:
-    if recipe.base_model == ref:
-        return "base_model"
-    for i, m in enumerate(recipe.models or []):
-        if m.model == ref:
-            return f"models[{i}].model"
-    for i, s in enumerate(recipe.slices or []):
-        for j, src in enumerate(s.sources):
-            if src.model == ref:
-                return f"slices[{i}].sources[{j}].model"
-    return "tokenizer_source"
+@dataclass(frozen=True)
+class Inputs:
+    """What the planner knows before planning any tensor: the recipe, its method, every
+    referenced model (configs, headers, tokenizers) and the template model's layer stack."""
+
+    recipe: Recipe
+    spec: MethodSpec
+    refs: tuple[ModelRef, ...]
+    models: tuple[ModelInfo, ...]
+    facts: tuple[TokenizerFacts, ...]
+    template: int
+    main_stacks: tuple[str | None, ...]
+
+    @property
+    def stack(self) -> str | None:
+        """The template model's main layer stack (`model.layers`, ...)."""
+        return self.main_stacks[self.template]
+
+    @property
+    def depth(self) -> int:
+        """Layers in the template model's main stack."""
+        return depth_of(self.models[self.template], self.stack)
+
+    def index(self, ref: ModelRef) -> int:
+        """Position of `ref` in `models`."""
+        return self.refs.index(ref)
+
+
+def read_inputs(recipe: Recipe, recipe_dir: Path | None) -> Inputs:
+    """Resolve and read every model of a checked recipe (configs and headers only)."""
+    spec = methods.get(recipe.merge_method)
+    assert spec is not None, "recipe was checked against the registry"
+    refs = tuple(referenced_models(recipe))
+    loaded, problems = load_models(recipe, refs, recipe_dir)
+    if problems:
+        raise RecipeError(problems)
+    models = tuple(model for model, _ in loaded)
+    return Inputs(
+        recipe=recipe,
+        spec=spec,
+        refs=refs,
+        models=models,
+        facts=tuple(facts for _, facts in loaded),
+        template=refs.index(template_ref(recipe, refs)),
+        main_stacks=tuple(main_stack_of(m) for m in models),
+    )
+
+
+def template_ref(recipe: Recipe, refs: tuple[ModelRef, ...]) -> ModelRef:
+    """The model whose layout and config the output takes: the base, else the first."""
+    if recipe.base_model is not None:
+        return recipe.base_model
+    if recipe.models:
+        return recipe.models[0].model
+    return recipe.slices[0].sources[0].model if recipe.slices else refs[0]
 
 
 def tokenizer_facts(model: ModelInfo) -> TokenizerFacts:
@@ -39,7 +85,7 @@ def tokenizer_facts(model: ModelInfo) -> TokenizerFacts:
     files = set(model.source.files())
     vocab = None
     if "tokenizer.json" in files:
-        document = json.loads(model.source.local("tokenizer.json").read_text(encoding="utf-8"))
+        document = read_json(model.source.local("tokenizer.json"), f"{model.label}: tokenizer.json")
         try:
             vocab = parse_tokenizer(document)
         except ValueError:
@@ -53,13 +99,16 @@ def tokenizer_facts(model: ModelInfo) -> TokenizerFacts:
 
 
 def load_models(
-    recipe: Recipe, refs: list[ModelRef], recipe_dir: Path | None
-) -> tuple[list[ModelInfo], list[Problem]]:
-    models: list[ModelInfo] = []
+    recipe: Recipe, refs: tuple[ModelRef, ...], recipe_dir: Path | None
+) -> tuple[list[tuple[ModelInfo, TokenizerFacts]], list[Problem]]:
+    """Every model's info and tokenizer facts, and a problem (at its place in the recipe)
+    for each model that fails to load (a damaged tokenizer file included)."""
+    models: list[tuple[ModelInfo, TokenizerFacts]] = []
     problems: list[Problem] = []
     for ref in refs:
         try:
-            models.append(load_model_info(resolve_source(ref, recipe_dir)))
+            model = load_model_info(resolve_source(ref, recipe_dir))
+            models.append((model, tokenizer_facts(model)))
         except MergecliError as exc:
             problems.append(
                 Problem(recipe_place(recipe, ref), exc.message, exc.hint, code=exc.exit_code)
@@ -68,12 +117,19 @@ def load_models(
 
 
 def layer_section(config: dict[str, Any], stack: str) -> dict[str, Any]:
+    """The config section describing `stack`: `text_config` of a multimodal model."""
     text = config.get("text_config")
     vision = any(word in stack for word in ("vision", "visual"))
     return text if isinstance(text, dict) and not vision else config
 
 
 def main_stack_of(model: ModelInfo) -> str | None:
+    """The model's main (text) layer stack."""
     section = layer_section(model.config, "")
     depth = next((section[k] for k in LAYER_COUNT_KEYS if isinstance(section.get(k), int)), None)
     return main_stack(list(model.tensors), depth)
+
+
+def depth_of(model: ModelInfo, stack: str | None) -> int:
+    """Layers of `stack` in `model` (0 when it has none)."""
+    return layer_counts(list(model.tensors)).get(stack or "", 0)

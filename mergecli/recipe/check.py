@@ -11,6 +11,7 @@ from typing import Any
 from mergecli import methods
 from mergecli.errors import Problem
 from mergecli.methods.spec import MethodSpec
+from mergecli.recipe.refs import model_refs
 from mergecli.recipe.schema import InputModel, InputSlice, ModelRef, OutputSlice, Recipe
 from mergecli.recipe.settings import leaf_values
 from mergecli.recipe.suggest import closest
@@ -53,7 +54,7 @@ def _check_unsupported(recipe: Recipe) -> Iterator[Problem]:
             "the multi-module form (`modules:`) is not supported yet",
             "merge each module with its own recipe using `models:` or `slices:`",
         )
-    for where, ref in _model_refs(recipe):
+    for where, ref in model_refs(recipe):
         if ref.adapter:
             yield Problem(
                 where,
@@ -68,18 +69,6 @@ def _check_unsupported(recipe: Recipe) -> Iterator[Problem]:
                 "`residual_weight` is not supported yet",
                 "remove it",
             )
-
-
-def _model_refs(recipe: Recipe) -> Iterator[tuple[str, ModelRef]]:
-    if recipe.base_model:
-        yield "base_model", recipe.base_model
-    for i, model in enumerate(recipe.models or []):
-        yield f"models[{i}].model", model.model
-    for i, out_slice in enumerate(recipe.slices or []):
-        if out_slice.base_model:
-            yield f"slices[{i}].base_model", out_slice.base_model
-        for j, source in enumerate(out_slice.sources):
-            yield f"slices[{i}].sources[{j}].model", source.model
 
 
 def check_raw(data: Mapping[str, Any]) -> list[Problem]:
@@ -216,9 +205,7 @@ def _count_hint(spec: MethodSpec) -> str:
         need = f"at least {spec.min_models}"
     else:
         need = f"{spec.min_models} to {spec.max_models}"
-    if spec.name == "passthrough":
-        return f"it takes {need}; to stack layers of several models use `slices:`"
-    return f"it takes {need}"
+    return f"it takes {need}; {spec.count_hint}" if spec.count_hint else f"it takes {need}"
 
 
 def _check_slices(recipe: Recipe) -> Iterator[Problem]:

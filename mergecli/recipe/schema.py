@@ -227,28 +227,3 @@ class Recipe(_Frozen):
                     "bad_tag", "tag {tag} has characters the Hub does not allow", {"tag": repr(tag)}
                 )
         return self
-
-    def referenced_models(self) -> list[ModelRef]:
-        """Every distinct model the recipe names, base first, in order of appearance."""
-        seen: dict[ModelRef, None] = {}
-        if self.base_model:
-            seen[self.base_model] = None
-        for model in self.models or []:
-            seen[model.model] = None
-        for out_slice in self.slices or []:
-            if out_slice.base_model:
-                seen[out_slice.base_model] = None
-            for source in out_slice.sources:
-                seen[source.model] = None
-        if isinstance(self.tokenizer_source, ModelRef):
-            seen[self.tokenizer_source] = None
-        block = self.tokenizer
-        if block is not None and isinstance(block.source, ModelRef):
-            seen[block.source] = None
-        for entry in (block.tokens or {}).values() if block else []:
-            token_source = entry.source
-            if isinstance(token_source, ModelTokenSource):
-                seen[token_source.model] = None
-            elif isinstance(token_source, ModelRef):
-                seen[token_source] = None
-        return list(seen)

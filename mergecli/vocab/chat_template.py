@@ -9,12 +9,12 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Sequence
 
 from mergecli.errors import Problem
 from mergecli.io.checkpoint import ModelInfo
+from mergecli.io.jsonfile import read_json
 from mergecli.recipe.schema import ModelRef
 
 CHATML = (
@@ -33,7 +33,7 @@ def read_template(model: ModelInfo) -> str | None:
         return model.source.local("chat_template.jinja").read_text(encoding="utf-8")
     if "tokenizer_config.json" not in files:
         return None
-    config = json.loads(model.source.local("tokenizer_config.json").read_text(encoding="utf-8"))
+    config = read_json(model.source.local("tokenizer_config.json"), model.label)
     value = config.get("chat_template") if isinstance(config, dict) else None
     if isinstance(value, list):
         value = next((t.get("template") for t in value if t.get("name") == "default"), None)

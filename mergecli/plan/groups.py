@@ -1,0 +1,87 @@
+"""Output groups: the `models:` form is one group over every layer, each slice is one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mergecli.errors import Problem
+from mergecli.plan.inputs import Inputs, depth_of
+from mergecli.recipe.schema import InputSlice
+from mergecli.recipe.settings import Parameters
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input of an output group: model index, first layer, its parameter block."""
+
+    model: int
+    start: int
+    params: Parameters | None
+    where: str
+
+
+@dataclass(frozen=True)
+class Group:
+    """An output slice (the models form is one group covering every layer)."""
+
+    sources: tuple[Source, ...]
+    length: int
+    params: Parameters | None
+    base: int | None
+    where: str
+
+
+def plan_groups(inputs: Inputs) -> tuple[list[Group], list[Problem]]:
+    """The output's groups, and every layer range that is out of bounds."""
+    recipe = inputs.recipe
+    if recipe.models:
+        sources = [
+            Source(inputs.index(m.model), 0, m.parameters, f"models[{i}]")
+            for i, m in enumerate(recipe.models)
+        ]
+        base = inputs.index(recipe.base_model) if recipe.base_model else None
+        return [Group(tuple(sources), inputs.depth, None, base, "models")], []
+    groups, problems = [], []
+    for i, out_slice in enumerate(recipe.slices or []):
+        sources = [
+            Source(
+                inputs.index(s.model), s.layer_range[0], s.parameters, f"slices[{i}].sources[{j}]"
+            )
+            for j, s in enumerate(out_slice.sources)
+        ]
+        base_ref = out_slice.base_model or recipe.base_model
+        first = out_slice.sources[0].layer_range
+        groups.append(
+            Group(
+                tuple(sources),
+                first[1] - first[0],
+                out_slice.parameters,
+                inputs.index(base_ref) if base_ref else None,
+                f"slices[{i}]",
+            )
+        )
+        problems += [_out_of_bounds(inputs, i, j, s) for j, s in enumerate(out_slice.sources)]
+    return groups, [p for p in problems if p is not None]
+
+
+def _out_of_bounds(inputs: Inputs, i: int, j: int, source: InputSlice) -> Problem | None:
+    index = inputs.index(source.model)
+    model = inputs.models[index]
+    depth = depth_of(model, inputs.main_stacks[index])
+    start, end = source.layer_range
+    if end <= depth:
+        return None
+    return Problem(
+        f"slices[{i}].sources[{j}].layer_range",
+        f"layer_range [{start}, {end}] is out of bounds: {model.label} has "
+        f"{depth} layers (0..{depth - 1})",
+        f"the end is exclusive; the whole model is [0, {depth}]",
+    )
+
+
+def used_models(groups: list[Group]) -> list[int]:
+    """Indexes of the models merged (sources and bases), sorted."""
+    return sorted(
+        {s.model for g in groups for s in g.sources}
+        | {g.base for g in groups if g.base is not None}
+    )

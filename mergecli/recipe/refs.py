@@ -1,0 +1,48 @@
+"""The one walk over a recipe's model references, with each one's place in the recipe."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from mergecli.recipe.schema import ModelRef, ModelTokenSource, Recipe
+
+
+def model_refs(recipe: Recipe) -> Iterator[tuple[str, ModelRef]]:
+    """(recipe path, reference) for every place that names a model, base first, in order
+    of appearance (tokenizer sources last)."""
+    if recipe.base_model:
+        yield "base_model", recipe.base_model
+    for i, model in enumerate(recipe.models or []):
+        yield f"models[{i}].model", model.model
+    for i, out_slice in enumerate(recipe.slices or []):
+        if out_slice.base_model:
+            yield f"slices[{i}].base_model", out_slice.base_model
+        for j, source in enumerate(out_slice.sources):
+            yield f"slices[{i}].sources[{j}].model", source.model
+    if isinstance(recipe.tokenizer_source, ModelRef):
+        yield "tokenizer_source", recipe.tokenizer_source
+    yield from _tokenizer_refs(recipe)
+
+
+def _tokenizer_refs(recipe: Recipe) -> Iterator[tuple[str, ModelRef]]:
+    block = recipe.tokenizer
+    if block is None:
+        return
+    if isinstance(block.source, ModelRef):
+        yield "tokenizer.source", block.source
+    for token, entry in (block.tokens or {}).items():
+        source = entry.source
+        if isinstance(source, ModelTokenSource):
+            yield f"tokenizer.tokens.{token}.source.model", source.model
+        elif isinstance(source, ModelRef):
+            yield f"tokenizer.tokens.{token}.source", source
+
+
+def referenced_models(recipe: Recipe) -> list[ModelRef]:
+    """Every distinct model the recipe names, base first, in order of appearance."""
+    return list(dict.fromkeys(ref for _, ref in model_refs(recipe)))
+
+
+def recipe_place(recipe: Recipe, ref: ModelRef) -> str:
+    """Where in the recipe `ref` is first named."""
+    return next(where for where, found in model_refs(recipe) if found == ref)
