@@ -11,7 +11,7 @@ import typer
 
 from mergecli import __version__
 from mergecli.cli import recipes_cmd
-from mergecli.cli._errors import State
+from mergecli.cli._errors import State, guard
 from mergecli.cli.methods_cmd import methods_cmd
 from mergecli.cli.plan_cmd import plan
 from mergecli.cli.run import run
@@ -52,6 +52,7 @@ app.command("validate")(validate)
 app.command("plan")(plan)
 app.command("methods")(methods_cmd)
 app.add_typer(recipes_cmd.app, name="recipes")
+guard(app)
 
 
 def main() -> None:

@@ -60,4 +60,22 @@ def handle_errors(fn: F) -> F:
                 STDERR.print("".join(traceback.format_exception(exc)), markup=False)
             raise typer.Exit(render_error(exc)) from None
 
+    wrapper.guarded = True  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
+
+
+def guard(app: typer.Typer) -> None:
+    """Wrap every command of `app` and of its sub-apps in `handle_errors`: the one error
+    boundary, so no command can forget it."""
+    for info in app.registered_commands:
+        if info.callback is not None and not getattr(info.callback, "guarded", False):
+            info.callback = handle_errors(info.callback)
+    for group in app.registered_groups:
+        if group.typer_instance is not None:
+            guard(group.typer_instance)
+
+
+def exit_code_of(codes: list[int]) -> int:
+    """One exit code for several failures: 2 when any is a recipe or usage error, else
+    the lowest (as for the problems of one recipe)."""
+    return 2 if 2 in codes else min(codes)

@@ -11,7 +11,6 @@ from rich.table import Table
 
 from mergecli import methods
 from mergecli.cli._console import stdout_console
-from mergecli.cli._errors import handle_errors
 from mergecli.cli._options import JsonOpt
 from mergecli.errors import UsageError
 from mergecli.methods.spec import MethodSpec
@@ -52,7 +51,6 @@ def _param_text(spec: MethodSpec) -> str:
     return ", ".join(parts) or "-"
 
 
-@handle_errors
 def methods_cmd(
     name: Annotated[
         str | None, typer.Argument(help="Show one method in full.", show_default=False)

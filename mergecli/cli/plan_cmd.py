@@ -9,7 +9,6 @@ from rich.table import Table
 
 from mergecli.cli._common import plan_recipe
 from mergecli.cli._console import stdout_console
-from mergecli.cli._errors import handle_errors
 from mergecli.cli._options import JsonOpt, RecipeArg, SeedOpt, ShardSizeOpt
 from mergecli.engine.memory import budget_for, predict_peak
 from mergecli.io.dtypes import CODE_TO_NAME
@@ -66,7 +65,6 @@ def _tensor(plan: MergePlan, tensor: TensorPlan) -> dict[str, Any]:
     }
 
 
-@handle_errors
 def plan(
     recipe: RecipeArg,
     as_json: JsonOpt = False,

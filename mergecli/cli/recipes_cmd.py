@@ -12,7 +12,6 @@ import yaml
 from rich.table import Table
 
 from mergecli.cli._console import stdout_console
-from mergecli.cli._errors import handle_errors
 from mergecli.errors import NotFoundError, OutputError
 from mergecli.recipe.suggest import did_you_mean
 
@@ -55,7 +54,6 @@ def _title(path: Path) -> str:
 
 
 @app.command("list")
-@handle_errors
 def list_recipes() -> None:
     """List bundled recipes.
 
@@ -71,7 +69,6 @@ def list_recipes() -> None:
 
 
 @app.command("show")
-@handle_errors
 def show(name: Annotated[str, typer.Argument(help="Recipe name (see `recipes list`).")]) -> None:
     """Print a bundled recipe.
 
@@ -96,7 +93,6 @@ def localize(text: str, folder: Path) -> str:
 
 
 @app.command("cp")
-@handle_errors
 def cp(
     name: Annotated[str, typer.Argument(help="Recipe name (see `recipes list`).")],
     dest: Annotated[Path, typer.Argument(help="File or folder to copy it to.")],

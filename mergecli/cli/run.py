@@ -18,7 +18,6 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 
 from mergecli.cli._common import plan_recipe, size_option
 from mergecli.cli._console import STDERR
-from mergecli.cli._errors import handle_errors
 from mergecli.cli._options import (
     Device,
     DeviceOpt,
@@ -47,7 +46,6 @@ Examples:
 """
 
 
-@handle_errors
 def run(
     recipe: RecipeArg,
     out: Annotated[

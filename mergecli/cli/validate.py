@@ -9,8 +9,7 @@ import typer
 
 from mergecli.cli._common import plan_recipe
 from mergecli.cli._console import STDERR
-from mergecli.cli._errors import render_error
-from mergecli.errors import MergecliError
+from mergecli.cli._errors import exit_code_of, render_error
 
 
 def validate(
@@ -19,23 +18,25 @@ def validate(
     """Check recipes: schema, methods, parameters, models, shapes and layer ranges.
 
     Reads configs, indexes and safetensors headers only; exits 0 when every recipe is
-    valid, 2 otherwise.
+    valid, else the exit code of the failures (2 for a recipe problem, 3 for a missing or
+    damaged model file, 4 for incompatible models; with several recipes, 2 when any has a
+    recipe problem, else the lowest).
 
     Example:
 
       mergecli validate recipes/*.yaml
     """
-    failed = 0
+    failed: list[int] = []
     for path in recipes:
         try:
             plan = plan_recipe(path)
-        except MergecliError as exc:
-            render_error(exc)
-            failed += 1
+        except Exception as exc:
+            failed.append(render_error(exc))
             continue
         print(
             f"ok: {path} ({plan.method.name}, {len(plan.models)} models, {len(plan.tensors)} tensors)"
         )
     if failed:
-        STDERR.print(f"{failed} of {len(recipes)} recipe{'s' if len(recipes) != 1 else ''} invalid")
-        raise typer.Exit(2)
+        count = len(recipes)
+        STDERR.print(f"{len(failed)} of {count} recipe{'s' if count != 1 else ''} invalid")
+        raise typer.Exit(exit_code_of(failed))

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from mergecli.errors import NotFoundError
 from mergecli.io.header import Header, HeaderEntry, read_header
+from mergecli.io.hub_errors import HUB_ERRORS, hub_error
 from mergecli.recipe.schema import ModelRef
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -112,8 +113,8 @@ class HubSource:
                     self._files = sorted(
                         HfApi().list_repo_files(self.repo_id, revision=self.commit)
                     )
-                except Exception as exc:
-                    raise _hub_error(self.label, exc) from None
+                except HUB_ERRORS as exc:
+                    raise hub_error(self.label, exc) from None
         return self._files
 
     def local(self, filename: str) -> Path:
@@ -130,8 +131,8 @@ class HubSource:
                     local_files_only=self.offline,
                 )
             )
-        except Exception as exc:
-            raise _hub_error(f"{self.label}: {filename}", exc) from None
+        except HUB_ERRORS as exc:
+            raise hub_error(f"{self.label}: {filename}", exc) from None
 
     def header(self, filename: str) -> Header:
         """The header from the cached file, else fetched alone by HTTP range requests."""
@@ -142,8 +143,8 @@ class HubSource:
 
         try:
             meta = get_safetensors_metadata(self.repo_id, revision=self.commit)
-        except Exception as exc:
-            raise _hub_error(self.label, exc) from None
+        except HUB_ERRORS as exc:
+            raise hub_error(self.label, exc) from None
         file_meta = meta.files_metadata[filename]
         entries = {
             name: HeaderEntry(info.dtype, tuple(info.shape), *info.data_offsets)
@@ -154,22 +155,6 @@ class HubSource:
 
 def _repo_cache(cache_dir: Path, repo_id: str) -> Path:
     return cache_dir / ("models--" + repo_id.replace("/", "--"))
-
-
-def _hub_error(what: str, exc: Exception) -> NotFoundError:
-    kind = type(exc).__name__
-    hints = {
-        "RepositoryNotFoundError": "check the repo id; private or gated repos need `hf auth login` or HF_TOKEN",
-        "GatedRepoError": "accept the model's terms on the Hub and set HF_TOKEN",
-        "RevisionNotFoundError": "check the branch, tag or commit after `@`",
-        "EntryNotFoundError": "the file is not in the repo at that revision",
-        "LocalEntryNotFoundError": "offline (HF_HUB_OFFLINE=1) and not in the cache: download it "
-        "once online, or unset HF_HUB_OFFLINE",
-    }
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else kind
-    return NotFoundError(
-        f"{what}: {first_line}", hint=hints.get(kind, "check the network and the repo id")
-    )
 
 
 def looks_local(path: str) -> bool:
@@ -222,8 +207,8 @@ def _resolve_hub(ref: ModelRef, label: str) -> HubSource:
 
     try:
         info = HfApi().model_info(ref.path, revision=ref.revision)
-    except Exception as exc:
-        raise _hub_error(label, exc) from None
+    except HUB_ERRORS as exc:
+        raise hub_error(label, exc) from None
     return HubSource(ref.path, info.sha, label, cache_dir, offline)
 
 

@@ -277,7 +277,7 @@ def test_mwa_weights_checkpoints_by_loss(
     recipe = write(tmp_path / "r2.yaml", text)
     code, _, err = invoke(runner, "validate", str(recipe))
     assert (
-        code == 2 and "no `loss` in the log_history of trainer_state.json for input(s) [1]" in err
+        code == 4 and "no `loss` in the log_history of trainer_state.json for input(s) [1]" in err
     )
 
 

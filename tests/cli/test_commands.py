@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from conftest import invoke, write
 from mergecli import __version__, methods
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 def test_version(runner: CliRunner) -> None:

@@ -35,7 +35,7 @@ def test_different_architectures(
     code, _, err = invoke(
         runner, "validate", str(write(tmp_path / "r.yaml", linear_of(family["a"], other)))
     )
-    assert code == 2
+    assert code == 4  # incompatible models: the code run and plan give
     assert f"models[1]: {other} is a `mistral` model but {family['a']} is `llama`" in err
 
 
@@ -96,7 +96,7 @@ def test_index_naming_a_tensor_its_shard_lacks(
         runner, "validate", str(write(tmp_path / "r.yaml", linear_of(family["a"], bad)))
     )
     assert (
-        code == 2
+        code == 3
         and "maps `ghost.weight` to model.safetensors, but that file's header does not hold it"
         in err
     )
@@ -113,7 +113,7 @@ def test_no_weights_and_no_config(
     code, _, err = invoke(
         runner, "validate", str(write(tmp_path / "r.yaml", linear_of(empty, noconf)))
     )
-    assert code == 2
+    assert code == 3  # not found: the code run and plan give
     assert f"{empty}: no weights found" in err and f"{noconf}: no config.json" in err
 
 
@@ -192,7 +192,7 @@ def test_revision_on_a_local_folder(
         f"merge_method: linear\nmodels:\n  - model: {{path: {family['a']}, revision: main}}\n    parameters: {{weight: 1}}\n",
     )
     code, _, err = invoke(runner, "validate", str(recipe))
-    assert code == 2 and "a revision (@main) only applies to Hub models" in err
+    assert code == 3 and "a revision (@main) only applies to Hub models" in err
 
 
 def test_missing_recipe_file(tmp_path: Path, runner: CliRunner) -> None:
