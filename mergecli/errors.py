@@ -52,9 +52,11 @@ class RecipeError(MergecliError):
         self.source = source
         codes = {p.code for p in self.problems} or {2}
         self.exit_code = 2 if 2 in codes else min(codes)
-        self.title = {2: "invalid recipe", 3: "not found", 4: "incompatible models"}.get(
-            self.exit_code, "invalid recipe"
-        )
+        self.title = {
+            2: "invalid recipe",
+            3: "missing or damaged input",
+            4: "incompatible models",
+        }.get(self.exit_code, "invalid recipe")
         count = len(self.problems)
         super().__init__(f"{count} problem{'s' if count != 1 else ''}")
 

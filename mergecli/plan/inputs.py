@@ -85,7 +85,7 @@ def tokenizer_facts(model: ModelInfo) -> TokenizerFacts:
     files = set(model.source.files())
     vocab = None
     if "tokenizer.json" in files:
-        document = read_json(model.source.local("tokenizer.json"), f"{model.label}: tokenizer.json")
+        document = read_json(model.source.local("tokenizer.json"), model.label)
         try:
             vocab = parse_tokenizer(document)
         except ValueError:
