@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import ClassVar
 
 import click
 import pytest
@@ -84,7 +85,7 @@ class _Response:
     """Just what huggingface_hub's HTTP errors read from a response."""
 
     status_code = 404
-    headers: dict[str, str] = {}
+    headers: ClassVar[dict[str, str]] = {}
     request = None
     url = "http://127.0.0.1/api/models/org/model"
 
