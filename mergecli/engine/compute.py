@@ -11,6 +11,7 @@ from mergecli.engine.numerics import cast_checked
 from mergecli.engine.stats import BlockStats
 from mergecli.io.dtypes import CODE_TO_TORCH, math_dtype
 from mergecli.io.reader import TensorReader
+from mergecli.methods.facts import apply
 from mergecli.methods.spec import MergeArgs
 from mergecli.plan.types import MergePlan, TensorPlan
 from mergecli.vocab.reindex import merge_rows
@@ -59,18 +60,15 @@ def compute_tensor(
     base = loaded.pop() if tensor.base else None
     offset = 0 if rows is None else rows[0] * tensor.row_numel
     args = MergeArgs(
-        loaded,
-        base,
-        tensor.params,
-        tensor.per_model,
-        tensor.name,
-        plan.seed,
-        stats.selections if stats else None,
-        offset,
-        stats.sums if stats else None,
-        stats.kept if stats else None,
+        tensors=loaded,
+        base=base,
+        params=tensor.params,
+        per_model=tensor.per_model,
+        name=tensor.name,
+        seed=plan.seed,
+        facts=stats.facts(offset) if stats else None,
     )
-    result = plan.method.fn(args)
+    result = apply(plan.method, args)
     if tensor.post_scale is not None and base is not None:
         result = base + tensor.post_scale * (result - base)
     masks = plan.method.masks(args) if with_masks and plan.method.masks and base is not None else []

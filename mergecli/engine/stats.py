@@ -19,7 +19,7 @@ from mergecli.engine.memory import input_cache_bytes
 from mergecli.engine.numerics import check_unvouched
 from mergecli.io.reader import TensorReader
 from mergecli.methods.kernels.selection import Selection, Selector, zero_count
-from mergecli.methods.spec import MergeArgs
+from mergecli.methods.spec import MergeArgs, TensorFacts
 from mergecli.plan.types import MergePlan, TensorPlan
 
 SPARSE_MARGIN = 1.1
@@ -139,7 +139,13 @@ def block_sums(
         base = loaded.pop() if tensor.base else None
         offset = 0 if rows is None else rows[0] * tensor.row_numel
         args = MergeArgs(
-            loaded, base, tensor.params, tensor.per_model, tensor.name, plan.seed, None, offset
+            tensors=loaded,
+            base=base,
+            params=tensor.params,
+            per_model=tensor.per_model,
+            name=tensor.name,
+            seed=plan.seed,
+            facts=TensorFacts(offset=offset),
         )
         found = sums_of(args)
         # plain floats at once: a small tensor left above the freed block temporaries
@@ -186,6 +192,15 @@ class BlockStats:
     sums: list[list[float]] | None = None
     kept: list[torch.Tensor | None] | None = None
     inputs_checked: bool = False
+
+    def facts(self, offset: int) -> TensorFacts:
+        """What the method of the block starting at flat index `offset` receives."""
+        return TensorFacts(
+            selections=self.selections or (),
+            sums=self.sums or (),
+            kept=self.kept or (),
+            offset=offset,
+        )
 
 
 class StatsCache:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from mergecli.methods import interpolate, linear, mwa, passthrough, research, sphere, task_vectors
-from mergecli.methods.spec import MergeArgs, MethodFn, MethodSpec, ParamSpec
+from mergecli.methods.facts import apply, whole_facts
+from mergecli.methods.spec import MergeArgs, MethodFn, MethodSpec, ParamSpec, TensorFacts
 
 REGISTRY: dict[str, MethodSpec] = {
     spec.name: spec
@@ -31,4 +32,15 @@ def names() -> list[str]:
     return sorted(REGISTRY)
 
 
-__all__ = ["REGISTRY", "MergeArgs", "MethodFn", "MethodSpec", "ParamSpec", "get", "names"]
+__all__ = [
+    "REGISTRY",
+    "MergeArgs",
+    "MethodFn",
+    "MethodSpec",
+    "ParamSpec",
+    "TensorFacts",
+    "apply",
+    "get",
+    "names",
+    "whole_facts",
+]

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from mergecli.methods.kernels.sums import exact_quantile, exact_total, row_sums
+from mergecli.methods.kernels.sums import exact_quantile, row_sums
 from mergecli.methods.spec import BlockSums, MergeArgs, MethodSpec, ParamSpec
 
 PARALLEL = 0.9995
@@ -20,7 +20,7 @@ def slerp(args: MergeArgs) -> torch.Tensor:
     """
     assert args.base is not None
     a, c, t = args.base, args.tensors[0], float(args.params["t"])
-    sums = args.sums[0] if args.sums else [exact_total([s]) for s in _slerp_sums(args).sums[0]]
+    sums = args.whole.sums[0]
     norm_a, norm_c = math.sqrt(sums[0]), math.sqrt(sums[1])
     if norm_a == 0 or norm_c == 0:
         return (1 - t) * a + t * c

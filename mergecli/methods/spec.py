@@ -69,18 +69,28 @@ class ParamSpec:
 
 
 @dataclass(frozen=True)
+class TensorFacts:
+    """Whole-tensor facts a method asks for, computed over the whole tensor whatever part
+    of it a call holds: per model, its top-k selections (one per count of
+    `MethodSpec.topk`); per model, its sums over the tensor (`MethodSpec.sums`); per model,
+    the packed keep bits drawn with those sums (DARE's drop, drawn once); and `offset`, the
+    flat index of the first entry held (random draws depend on the position)."""
+
+    selections: Sequence[Sequence[Selection]] = ()
+    sums: Sequence[Sequence[float]] = ()
+    kept: Sequence[torch.Tensor | None] = ()
+    offset: int = 0
+
+
+@dataclass(frozen=True)
 class MergeArgs:
     """Everything a method function sees for one output tensor (all tensors float32/64).
 
     `tensors` are the non-base inputs in recipe order; `per_model` holds their resolved
     model-scope parameters, `params` the method-wide ones; `name` is the output tensor name
-    and `seed` the run's seed (random methods derive their generator from both). When the
-    tensors are a block of rows of a top-k method, `selections[i]` holds model i's top-k
-    selections for this block, one per count of `MethodSpec.topk`, found over the whole
-    tensor. `offset` is the flat index of the block's first entry (random draws depend on
-    it) and `sums[i]` model i's sums over the whole tensor from `MethodSpec.sums`;
-    `kept[i]`, when given, model i's packed keep bits for this block from the same pass
-    (DARE's random drop, drawn once).
+    and `seed` the run's seed (random methods derive their generator from both). `facts`
+    are the whole-tensor facts the method's spec asks for (`methods.apply` computes them
+    when the tensors are whole; the engine computes them over row blocks).
     """
 
     tensors: Sequence[torch.Tensor]
@@ -89,10 +99,18 @@ class MergeArgs:
     per_model: Sequence[Mapping[str, Any]]
     name: str = ""
     seed: int = 0
-    selections: Sequence[Sequence[Selection]] | None = None
-    offset: int = 0
-    sums: Sequence[Sequence[float]] | None = None
-    kept: Sequence[torch.Tensor | None] | None = None
+    facts: TensorFacts | None = None
+
+    @property
+    def whole(self) -> TensorFacts:
+        """The whole-tensor facts (given by `methods.apply` or the engine)."""
+        assert self.facts is not None, "call methods.apply, which computes the facts"
+        return self.facts
+
+    @property
+    def offset(self) -> int:
+        """Flat index of the first entry held (0 for a whole tensor)."""
+        return self.facts.offset if self.facts is not None else 0
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,8 @@ from mergecli.methods.kernels.sign import disjoint_merge, elect_sign
 from mergecli.methods.kernels.sums import l1_factor, row_sums
 from mergecli.methods.kernels.topk import (
     breadcrumbs_counts,
-    breadcrumbs_mask,
     keep_count,
     keep_selected,
-    magnitude_sparsify,
     top_k_mask,
 )
 from mergecli.methods.spec import BlockSums, MergeArgs, MethodSpec, ParamSpec
@@ -57,9 +55,7 @@ def _no_sparsify(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
 
 
 def _magnitude(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
-    if args.selections is None:
-        return magnitude_sparsify(delta, float(args.per_model[i]["density"]))
-    chosen = args.selections[i]
+    chosen = args.whole.selections[i]
     return keep_selected(delta, chosen[0]) if chosen else delta
 
 
@@ -72,9 +68,10 @@ def _dare(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
     density = float(args.per_model[i]["density"])
     if density >= 1:
         return delta
-    norms = (args.sums[i][0], args.sums[i][1]) if args.sums and args.sums[i] else None
+    sums, kept_bits = args.whole.sums, args.whole.kept
+    norms = (sums[i][0], sums[i][1]) if sums and sums[i] else None
     rescale, mode = bool(args.params["rescale"]), str(args.params["rescale_mode"])
-    packed = args.kept[i] if args.kept else None
+    packed = kept_bits[i] if kept_bits else None
     if packed is not None and norms is not None and rescale and mode == "l1":
         # the rescale rides on the mask: d * (m f) is (d m) f bit for bit, as m is 0 or 1
         mask = unpack_bits(packed, delta.numel(), l1_factor(norms), delta.dtype)
@@ -130,11 +127,8 @@ def _dare_sums(args: MergeArgs) -> BlockSums:
 
 
 def _breadcrumbs(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
-    if args.selections is None:
-        density = float(args.per_model[i]["density"])
-        return delta * breadcrumbs_mask(delta.abs(), density, float(args.params["gamma"]))
     magnitude = delta.abs()
-    upto, top = (select_mask(magnitude, s) for s in args.selections[i])
+    upto, top = (select_mask(magnitude, s) for s in args.whole.selections[i])
     return delta * (upto & ~top)
 
 

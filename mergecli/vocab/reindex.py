@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from mergecli.methods.facts import apply
 from mergecli.methods.spec import MergeArgs, MethodSpec
 from mergecli.plan.types import TensorPlan
 from mergecli.vocab.tokens import VocabPlan
@@ -103,7 +104,7 @@ def _merge_group(
     if not _runnable(spec, len(members), base is not None):
         return _mean(values, per_model)
     args = MergeArgs(values, base, tensor.params, per_model, tensor.name, seed)
-    result = spec.fn(args)
+    result = apply(spec, args)
     if tensor.post_scale is not None and base is not None:
         result = base + tensor.post_scale * (result - base)
     return result

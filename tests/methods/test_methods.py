@@ -40,7 +40,7 @@ def run(
         tensor,
         seed,
     )
-    return spec.fn(args).numpy()
+    return methods.apply(spec, args).numpy()
 
 
 def trio(shape: tuple[int, ...] = (6, 5)) -> tuple[np.ndarray, list[np.ndarray]]:

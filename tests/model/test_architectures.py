@@ -256,7 +256,9 @@ def test_ties_merge_loads_with_exact_logits(
     params = {p.name: p.default for p in spec.scoped("global")}
     per_model = [{"weight": 0.6, "density": 0.5}, {"weight": 0.4, "density": 0.7}]
     expected = {
-        k: spec.fn(MergeArgs([a[k].double(), b[k].double()], base[k].double(), params, per_model))
+        k: methods.apply(
+            spec, MergeArgs([a[k].double(), b[k].double()], base[k].double(), params, per_model)
+        )
         for k in base
     }
     _check_against(out, expected, name, tmp_path)

@@ -21,6 +21,21 @@ def keep_count(numel: int, density: float) -> int:
     return min(numel, max(1, math.floor(density * numel + 1e-9)))
 
 
+def select_top(magnitude: torch.Tensor, k: int) -> Selection:
+    """The selection of the `k` largest entries of a whole tensor of magnitudes (ties:
+    lowest flat index first): radix selection for float32, `kthvalue` otherwise."""
+    flat = magnitude.reshape(-1)
+    n = flat.numel()
+    if k >= n:
+        return Selection(0.0, 0, "all")
+    if k <= 0:
+        return Selection(0.0, 0, "none")
+    if radix_ready(flat):
+        return whole_selection(flat, k)
+    threshold = torch.kthvalue(flat, n - k + 1).values
+    return Selection(float(threshold), k - int((flat > threshold).sum()))
+
+
 def top_k_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of exactly `k` largest entries of `magnitude` (ties: lowest index first)."""
     flat = magnitude.reshape(-1)
@@ -52,16 +67,6 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.tensor(whole_selection(values, k).threshold, dtype=values.dtype)
 
 
-def magnitude_sparsify(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES trim: keep the `keep_count` entries of largest magnitude, zero the rest."""
-    if density >= 1:
-        return delta
-    magnitude, k = delta.abs(), keep_count(delta.numel(), density)
-    if magnitude.dtype != torch.float32 or k in (0, delta.numel()):
-        return delta * top_k_mask(magnitude, k)
-    return keep_selected(delta, whole_selection(magnitude, k))
-
-
 def keep_selected(delta: torch.Tensor, selection: Selection) -> torch.Tensor:
     """`delta` with the entries `selection` does not keep zeroed (of its magnitudes)."""
     if selection.keep == "some" and selection.threshold == 0.0:
@@ -74,16 +79,6 @@ def keep_selected(delta: torch.Tensor, selection: Selection) -> torch.Tensor:
         index = tied_kept(delta.abs(), selection)
         kept.reshape(-1)[index] = delta.reshape(-1)[index]
     return kept
-
-
-def breadcrumbs_mask(magnitude: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Drop the `gamma` fraction of largest entries, then the smallest, keeping `density`.
-
-    With floor(gamma n) = 0 nothing is dropped from the top (mergekit zeroes the whole
-    tensor there; that is a bug we do not copy).
-    """
-    upto, top = breadcrumbs_counts(magnitude.numel(), density, gamma)
-    return top_k_mask(magnitude, upto) & ~top_k_mask(magnitude, top)
 
 
 def breadcrumbs_counts(n: int, density: float, gamma: float) -> tuple[int, int]:

@@ -1,0 +1,38 @@
+"""Whole-tensor facts of tensors held whole in memory (the engine finds the same facts
+over row blocks, `engine.stats`); equal to them bit for bit."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from mergecli.methods.kernels.selection import Selection
+from mergecli.methods.kernels.sums import exact_total
+from mergecli.methods.kernels.topk import select_top
+from mergecli.methods.spec import MergeArgs, MethodSpec, TensorFacts
+
+
+def whole_facts(spec: MethodSpec, args: MergeArgs) -> TensorFacts:
+    """The facts `spec` asks for (`topk`, `sums`) over `args`' whole tensors."""
+    selections: list[list[Selection]] = []
+    if spec.topk is not None:
+        assert args.base is not None, "top-k methods select task-vector entries"
+        numel = args.base.numel()
+        for tensor, model in zip(args.tensors, args.per_model):
+            counts = spec.topk(args.params, model, numel)
+            magnitude = (tensor - args.base).abs_() if counts else torch.empty(0)
+            selections.append([select_top(magnitude, k) for k in counts])
+    if spec.sums is None:
+        return TensorFacts(selections=selections)
+    found = spec.sums(args)
+    sums = [[exact_total([rows]) for rows in model] for model in found.sums]
+    return TensorFacts(selections=selections, sums=sums, kept=found.kept)
+
+
+def apply(spec: MethodSpec, args: MergeArgs) -> torch.Tensor:
+    """`spec`'s method on `args`, with the whole-tensor facts it needs computed first when
+    `args` holds whole tensors and no facts."""
+    if args.facts is None and (spec.topk is not None or spec.sums is not None):
+        args = replace(args, facts=whole_facts(spec, args))
+    return spec.fn(args)
