@@ -32,27 +32,15 @@ def select_top(magnitude: torch.Tensor, k: int) -> Selection:
         return Selection(0.0, 0, "none")
     if radix_ready(flat):
         return whole_selection(flat, k)
+    if bool(torch.isnan(flat).any()):
+        raise ValueError("NaN magnitudes have no top-k (NaN inputs are refused before the math)")
     threshold = torch.kthvalue(flat, n - k + 1).values
     return Selection(float(threshold), k - int((flat > threshold).sum()))
 
 
 def top_k_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of exactly `k` largest entries of `magnitude` (ties: lowest index first)."""
-    flat = magnitude.reshape(-1)
-    n = flat.numel()
-    if k >= n:
-        return torch.ones_like(magnitude, dtype=torch.bool)
-    if k <= 0:
-        return torch.zeros_like(magnitude, dtype=torch.bool)
-    if radix_ready(flat):
-        return select_mask(magnitude, whole_selection(flat, k))
-    threshold = torch.kthvalue(flat, n - k + 1).values
-    mask = flat > threshold
-    missing = k - int(mask.sum())
-    if missing > 0:
-        tied = torch.nonzero(flat == threshold).reshape(-1)[:missing]
-        mask[tied] = True
-    return mask.reshape(magnitude.shape)
+    return select_mask(magnitude, select_top(magnitude, k))
 
 
 def radix_ready(values: torch.Tensor) -> bool:
