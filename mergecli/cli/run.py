@@ -31,6 +31,7 @@ from mergecli.cli._options import (
 )
 from mergecli.engine.device import resolve_device
 from mergecli.engine.memory import PIPELINE_JOBS, Budget, budget_for, predict_peak
+from mergecli.engine.process import share_cores, tune_malloc
 from mergecli.engine.run import RunResult, run_plan
 from mergecli.errors import UsageError
 from mergecli.output.card import card_license
@@ -152,40 +153,6 @@ class RunOptions:
     device: torch.device
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc malloc.h
-
-
-def _tune_malloc() -> None:
-    """glibc settings for big short-lived blocks (benchmarks/RESULTS.md): one heap
-    ("arena") for all threads, since memory freed in one arena is not reused by another
-    (with one per worker thread peak RSS was about 1.6x); blocks up to 256 MB from the heap
-    rather than fresh mmaps, and freed memory kept for reuse up to 1 GB, since every
-    fresh page of a fresh mmap is a page fault (a third of the CPU time went to the kernel).
-    A no-op off glibc."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    for option, value in (
-        (M_ARENA_MAX, 1),
-        (M_MMAP_THRESHOLD, 256 << 20),
-        (M_TRIM_THRESHOLD, 1 << 30),
-    ):
-        mallopt(option, value)
-
-
-def _share_cores(workers: int) -> None:
-    """Give torch's intra-op threads the cores per worker: jobs already run in parallel,
-    and more threads than cores made every operation wait on the others (benchmarks:
-    2 jobs on 2 cores, 1 thread each was 5-10% faster than 2 each)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(max(1, (cores or 1) // max(1, workers)))
-
-
 def _budget(plan: MergePlan, max_memory: str | None, threads: int | None) -> Budget:
     """Run settings from --max-memory and --threads; warn when the budget cannot be met."""
     limit = None if max_memory is None else size_option(max_memory, "--max-memory")
@@ -206,8 +173,8 @@ def _budget(plan: MergePlan, max_memory: str | None, threads: int | None) -> Bud
 
 
 def _execute(plan: MergePlan, out: Path, text: str, show: bool, options: RunOptions) -> RunResult:
-    _tune_malloc()
-    _share_cores(options.budget.workers)
+    tune_malloc()
+    share_cores(options.budget.workers)
     kwargs = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
     if not show:
         return run_plan(plan, out, text, **kwargs)

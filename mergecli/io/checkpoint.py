@@ -44,7 +44,7 @@ class ModelInfo:
     source: ModelSource
     config: dict[str, Any]
     tensors: dict[str, TensorInfo]
-    weight_format: Literal["safetensors", "bin"]
+    weight_format: Literal["safetensors", "bin", "memory"]
 
     @property
     def total_bytes(self) -> int:

@@ -82,6 +82,9 @@ class TensorReader:
         """The tensor `name` of `model` (only rows [start, stop) when `rows` is given), as
         stored (no dtype conversion)."""
         info = model.tensors[name]
+        if model.weight_format == "memory":
+            tensor = model.source.tensors[name]  # type: ignore[attr-defined]
+            return tensor if rows is None else tensor[rows[0] : rows[1]]  # type: ignore[no-any-return]
         opened = self._open(model, info.file)
         if model.weight_format == "bin":
             tensor = opened[name]

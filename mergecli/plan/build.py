@@ -15,7 +15,7 @@ from mergecli.plan.checks import check_architectures, check_same_tensors, check_
 from mergecli.plan.config import output_config
 from mergecli.plan.context import Context, Findings
 from mergecli.plan.groups import Group, plan_groups, used_models
-from mergecli.plan.inputs import Inputs, read_inputs
+from mergecli.plan.inputs import Inputs, Resolver, file_resolver, read_inputs
 from mergecli.plan.params import prepare_params
 from mergecli.plan.post import apply_lines
 from mergecli.plan.shards import DEFAULT_SHARD_BYTES, assign_shards
@@ -33,9 +33,11 @@ def build_plan(
     recipe_dir: Path | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     seed: int | None = None,
+    resolve: Resolver | None = None,
 ) -> MergePlan:
-    """Resolve every model, read configs and headers, and plan each output tensor."""
-    inputs = read_inputs(recipe, recipe_dir)
+    """Resolve every model (from files by default, else with `resolve`), read configs and
+    headers, and plan each output tensor."""
+    inputs = read_inputs(recipe, resolve or file_resolver(recipe_dir))
     ctx, template_text, problems = settle(inputs)
     if problems:
         raise RecipeError(problems)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,12 +52,21 @@ class Inputs:
         return self.refs.index(ref)
 
 
-def read_inputs(recipe: Recipe, recipe_dir: Path | None) -> Inputs:
+Resolver = Callable[[ModelRef], ModelInfo]
+
+
+def file_resolver(recipe_dir: Path | None) -> Resolver:
+    """Models from local folders or the Hub (relative paths: working directory, then
+    `recipe_dir`): configs, indexes and headers only."""
+    return lambda ref: load_model_info(resolve_source(ref, recipe_dir))
+
+
+def read_inputs(recipe: Recipe, resolve: Resolver) -> Inputs:
     """Resolve and read every model of a checked recipe (configs and headers only)."""
     spec = methods.get(recipe.merge_method)
     assert spec is not None, "recipe was checked against the registry"
     refs = tuple(referenced_models(recipe))
-    loaded, problems = load_models(recipe, refs, recipe_dir)
+    loaded, problems = load_models(recipe, refs, resolve)
     if problems:
         raise RecipeError(problems)
     models = tuple(model for model, _ in loaded)
@@ -99,7 +109,7 @@ def tokenizer_facts(model: ModelInfo) -> TokenizerFacts:
 
 
 def load_models(
-    recipe: Recipe, refs: tuple[ModelRef, ...], recipe_dir: Path | None
+    recipe: Recipe, refs: tuple[ModelRef, ...], resolve: Resolver
 ) -> tuple[list[tuple[ModelInfo, TokenizerFacts]], list[Problem]]:
     """Every model's info and tokenizer facts, and a problem (at its place in the recipe)
     for each model that fails to load (a damaged tokenizer file included)."""
@@ -107,7 +117,7 @@ def load_models(
     problems: list[Problem] = []
     for ref in refs:
         try:
-            model = load_model_info(resolve_source(ref, recipe_dir))
+            model = resolve(ref)
             models.append((model, tokenizer_facts(model)))
         except MergecliError as exc:
             problems.append(
