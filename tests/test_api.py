@@ -110,11 +110,8 @@ def test_validate_lists_problems_and_plan_raises_them(family: dict[str, Path]) -
         f"merge_method: linear\nmodels:\n  - model: {family['a']}\n    parameters: {{weight: 1}}\n"
     )
     assert api.validate(good) == []
-    assert (
-        api.plan(good, shard_size="1KB").shard_names[0]
-        == "model-00001-of-00"
-        + f"{len(api.plan(good, shard_size='1KB').shard_names):03d}.safetensors"
-    )
+    names = api.plan(good, shard_size="1KB").shard_names
+    assert len(names) > 1 and names[0] == f"model-00001-of-{len(names):05d}.safetensors"
 
 
 def test_parse_recipe_finds_relative_models_in_its_folder(
