@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from importlib import resources
 import re
 from pathlib import Path
 from typing import Annotated
@@ -22,13 +23,14 @@ app = typer.Typer(
 
 
 def bundled_dir() -> Path:
-    """The folder of bundled recipes (MERGECLI_RECIPES overrides)."""
+    """The folder of bundled recipes: the `mergecli.bundled` package shipped in the wheel
+    (the checkout's `recipes/` in an editable install); MERGECLI_RECIPES overrides."""
     override = os.environ.get("MERGECLI_RECIPES")
-    folder = Path(override) if override else Path(__file__).resolve().parents[2] / "recipes"
+    folder = Path(override) if override else Path(str(resources.files("mergecli.bundled")))
     if not folder.is_dir():
         raise NotFoundError(
             f"bundled recipes folder {folder} not found",
-            hint="install mergecli from a source checkout (pip install -e .) or set MERGECLI_RECIPES",
+            hint="reinstall mergecli (pip install mergecli) or set MERGECLI_RECIPES",
         )
     return folder
 

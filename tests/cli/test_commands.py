@@ -64,15 +64,6 @@ def test_recipes_list_show_cp(runner: CliRunner, tmp_path: Path) -> None:
     assert code == 3 and "did you mean `quickstart`?" in err
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES.glob("*.yaml")))
-def test_bundled_recipes_run(runner: CliRunner, tmp_path: Path, name: str) -> None:
-    code, _, err = invoke(
-        runner, "run", str(RECIPES / f"{name}.yaml"), "-o", str(tmp_path / name), "--quiet"
-    )
-    assert code == 0, err
-    assert (tmp_path / name / "model.safetensors").exists()
-
-
 def test_copied_recipe_runs_from_anywhere(
     runner: CliRunner, tmp_path: Path, chdir_tmp: Path
 ) -> None:

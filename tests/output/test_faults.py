@@ -60,16 +60,44 @@ def start(args: list[str], **kwargs: object) -> subprocess.Popen[str]:
     )
 
 
+SLOW_MERGE = """
+import pathlib, sys, time
+import mergecli.engine.run as run
+from mergecli.cli import main
+
+marker, compute = pathlib.Path(sys.argv.pop(1)), run.compute_tensor
+
+def slow(*args, **kwargs):
+    done = compute(*args, **kwargs)
+    marker.touch()  # a tensor is merged: the run is under way, far from its end
+    time.sleep(0.2)
+    return done
+
+run.compute_tensor = slow
+sys.argv[0] = "mergecli"
+main()
+"""
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_mid_merge_leaves_nothing(
     big_pair: tuple[Path, Path], tmp_path: Path, signum: int
 ) -> None:
-    out = tmp_path / "out"
-    proc = start(["run", str(big_recipe(tmp_path, big_pair)), "-o", str(out)])
-    shard = tmp_path / "out.partial" / "model.safetensors"
+    # each tensor takes 0.2 s more, so 120 tensors take 12 s at least (at most 2 at once):
+    # the signal, sent once the first tensor is merged, always lands mid-merge
+    out, marker = tmp_path / "out", tmp_path / "merging"
+    recipe = big_recipe(tmp_path, big_pair)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_MERGE, str(marker), "run", str(recipe), "-o", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     deadline = time.monotonic() + 60
-    while not (shard.exists() and shard.stat().st_size > 0) and time.monotonic() < deadline:
+    while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.005)
+    assert (tmp_path / "out.partial").is_dir() and proc.poll() is None
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
