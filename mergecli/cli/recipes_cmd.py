@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from importlib import resources
 import re
+from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
