@@ -10,15 +10,36 @@ zero. Rows are grouped by which models hold them, so each group is one method ca
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 
 from mergecli.methods.facts import apply
 from mergecli.methods.spec import MergeArgs, MethodSpec
-from mergecli.plan.types import TensorPlan
 from mergecli.vocab.tokens import VocabPlan
+
+
+class _Ref(Protocol):
+    @property
+    def model(self) -> int: ...
+
+
+class RowTensor(Protocol):
+    """What row re-indexing needs of a planned per-token tensor (`plan.types.TensorPlan`)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def inputs(self) -> Sequence[_Ref]: ...
+    @property
+    def base(self) -> _Ref | None: ...
+    @property
+    def params(self) -> Mapping[str, Any]: ...
+    @property
+    def per_model(self) -> Sequence[Mapping[str, Any]]: ...
+    @property
+    def post_scale(self) -> float | None: ...
 
 
 def _placed(
@@ -54,7 +75,7 @@ def _mean(rows: list[torch.Tensor], per_model: list[Mapping[str, Any]]) -> torch
 
 def merge_rows(
     vocab: VocabPlan,
-    tensor: TensorPlan,
+    tensor: RowTensor,
     loaded: Mapping[int, torch.Tensor],
     spec: MethodSpec,
     seed: int,
@@ -90,7 +111,7 @@ def _merge_group(
     code: int,
     rows: torch.Tensor,
     placed: list[tuple[torch.Tensor, torch.Tensor]],
-    tensor: TensorPlan,
+    tensor: RowTensor,
     spec: MethodSpec,
     seed: int,
 ) -> torch.Tensor:
