@@ -66,82 +66,114 @@ def run_plan(
     budget = budget or Budget()
     if block_elements is not None:
         budget = replace(budget, block_elements=block_elements)
-    block_elements = budget.block_elements
     roots = [m.source.root for m in plan.models if isinstance(m.source, LocalSource)]
     output.check_output(out, overwrite, roots)
-    work = output.start(out, resume)
-    writer = ShardWriter(work, plan.shard_names, plan.tensors)
-    folder = mask_folder(plan)
-    masks = ShardWriter(work / folder, (MASKS_FILE,), mask_entries(plan)) if folder else None
-    print_ = progress_file.fingerprint(plan, recipe_text)
-    finished = {} if masks else progress_file.finished_shards(work, plan, print_)
-    keep = frozenset(finished)
-    last = {t.shard: i for i, t in enumerate(plan.tensors)}
-    recorded = {plan.shard_names[i]: digest for i, digest in finished.items()}
+    sink = _Output(plan, output.start(out, resume), recipe_text, progress)
     reader = TensorReader()
-    block_stats = StatsCache(plan, reader, block_elements, budget.workers)
-    clamped: dict[str, int] = {}
-
-    def offset_of(job: Job) -> int:
-        tensor = job.tensor
-        return 0 if job.rows is None else job.rows[0] * (tensor.nbytes // tensor.shape[0])
-
-    def store(job: Job, done: Computed) -> None:
-        tensor = job.tensor
-        writer.absorb(tensor.name, done.tensor, offset_of(job))
-        if done.clamped:
-            clamped[tensor.name] = clamped.get(tensor.name, 0) + done.clamped
-        for i, mask in enumerate(done.masks):
-            masks.write(f"{tensor.name}:task{i}", pack_mask(mask))  # type: ignore[union-attr]
-        if job.final and last[tensor.shard] == job.index:
-            digest = writer.finish_shard(tensor.shard)
-            name = plan.shard_names[tensor.shard]
-            recorded[name] = digest or progress_file.sha256_file(work / name)
-            progress_file.record(work, print_, recorded)
-        if job.final:
-            block_stats.drop(job.index)
-        if job.final and progress is not None:
-            progress(tensor)
+    stats = StatsCache(plan, reader, budget.block_elements, budget.workers)
 
     def compute(job: Job) -> Computed:
-        chosen = block_stats.get(job)
-        given = block_stats.take_inputs(job) if chosen is not None else None
+        chosen = stats.get(job)
+        given = stats.take_inputs(job) if chosen is not None else None
         done = compute_tensor(
             plan,
             job.tensor,
             reader,
-            masks is not None,
+            sink.masks is not None,
             clamp_overflow,
             job.rows,
             chosen,
             device,
             given,
         )
-        writer.put(job.tensor.name, done.tensor, offset_of(job))  # hashed in order by `store`
+        sink.writer.put(job.tensor.name, done.tensor, _offset(job))  # hashed in order by store
         return done
 
+    def store(job: Job, done: Computed) -> None:
+        sink.store(job, done)
+        if job.final:
+            stats.drop(job.index)
+
     try:
-        writer.open(keep)
-        if masks is not None:
-            masks.folder.mkdir(parents=True, exist_ok=True)
-            masks.open()
-        run_pipeline(plan_jobs(plan, keep, block_elements), compute, store, budget)
-        writer.close()
-        (work / progress_file.PROGRESS).unlink(missing_ok=True)
-        if masks is not None:
-            masks.close()
-        write_side_files(plan, work, writer, recipe_text)
+        sink.open()
+        jobs = plan_jobs(plan, sink.keep, budget.block_elements)
+        run_pipeline(jobs, compute, store, budget)
         seconds = time.monotonic() - started
-        files = hash_files(work, recorded)
-        write_manifest(plan, work, files, None if reproducible else seconds, verify)
-        output.finish(work, out)
+        files = sink.finish(None if reproducible else seconds, verify)
+        output.finish(sink.work, out)
     except BaseException:
-        writer.abort()
-        if masks is not None:
-            masks.abort()
-        output.discard(work)
+        sink.abort()
         raise
     finally:
-        block_stats.close()
+        stats.close()
         reader.close()
-    return RunResult(out, files, seconds, len(plan.tensors), plan.total_bytes, clamped, len(keep))
+    total = plan.total_bytes
+    return RunResult(out, files, seconds, len(plan.tensors), total, sink.clamped, len(sink.keep))
+
+
+def _offset(job: Job) -> int:
+    """Byte offset of a job's block within its tensor's data."""
+    tensor = job.tensor
+    return 0 if job.rows is None else job.rows[0] * (tensor.nbytes // tensor.shape[0])
+
+
+class _Output:
+    """The output being written in `work` (`OUT.partial`): shard and mask writers, the
+    shards finished so far with their digests (the resume records), clamped counts."""
+
+    def __init__(
+        self, plan: MergePlan, work: Path, recipe_text: str, progress: Progress | None
+    ) -> None:
+        self.plan, self.work, self.recipe_text, self.progress = plan, work, recipe_text, progress
+        self.writer = ShardWriter(work, plan.shard_names, plan.tensors)
+        folder = mask_folder(plan)
+        self.masks = (
+            ShardWriter(work / folder, (MASKS_FILE,), mask_entries(plan)) if folder else None
+        )
+        self.print_ = progress_file.fingerprint(plan, recipe_text)
+        finished = {} if self.masks else progress_file.finished_shards(work, plan, self.print_)
+        self.keep = frozenset(finished)
+        self.last = {t.shard: i for i, t in enumerate(plan.tensors)}
+        self.recorded = {plan.shard_names[i]: digest for i, digest in finished.items()}
+        self.clamped: dict[str, int] = {}
+
+    def open(self) -> None:
+        """Open the shards (keeping reused ones) and the masks file."""
+        self.writer.open(self.keep)
+        if self.masks is not None:
+            self.masks.folder.mkdir(parents=True, exist_ok=True)
+            self.masks.open()
+
+    def store(self, job: Job, done: Computed) -> None:
+        """Take a computed job in plan order: hash it, its masks, and a finished shard."""
+        tensor = job.tensor
+        self.writer.absorb(tensor.name, done.tensor, _offset(job))
+        if done.clamped:
+            self.clamped[tensor.name] = self.clamped.get(tensor.name, 0) + done.clamped
+        for i, mask in enumerate(done.masks):
+            self.masks.write(f"{tensor.name}:task{i}", pack_mask(mask))  # type: ignore[union-attr]
+        if job.final and self.last[tensor.shard] == job.index:
+            digest = self.writer.finish_shard(tensor.shard)
+            name = self.plan.shard_names[tensor.shard]
+            self.recorded[name] = digest or progress_file.sha256_file(self.work / name)
+            progress_file.record(self.work, self.print_, self.recorded)
+        if job.final and self.progress is not None:
+            self.progress(tensor)
+
+    def finish(self, seconds: float | None, verify: bool) -> dict[str, str]:
+        """Close the shards, write the side files and the manifest; the output's digests."""
+        self.writer.close()
+        (self.work / progress_file.PROGRESS).unlink(missing_ok=True)
+        if self.masks is not None:
+            self.masks.close()
+        write_side_files(self.plan, self.work, self.writer, self.recipe_text)
+        files = hash_files(self.work, self.recorded)
+        write_manifest(self.plan, self.work, files, seconds, verify)
+        return files
+
+    def abort(self) -> None:
+        """Close everything and remove the unfinished output."""
+        self.writer.abort()
+        if self.masks is not None:
+            self.masks.abort()
+        output.discard(self.work)

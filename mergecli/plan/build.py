@@ -84,7 +84,8 @@ def settle(inputs: Inputs) -> tuple[Context, str | None, list[Problem]]:
     problems += prepare_problems
     if inputs.recipe.models:
         problems += check_same_tensors(inputs, groups[0], tying)
-    return Context(inputs, tuple(groups), tying, vocab, prepared), template_text, problems
+    ctx = Context(inputs=inputs, groups=tuple(groups), tying=tying, vocab=vocab, prepared=prepared)
+    return ctx, template_text, problems
 
 
 def _vocabulary(inputs: Inputs, used: list[int]) -> tuple[VocabPlan | None, list[Problem]]:

@@ -36,11 +36,14 @@ def plan_groups(inputs: Inputs) -> tuple[list[Group], list[Problem]]:
     recipe = inputs.recipe
     if recipe.models:
         sources = [
-            Source(inputs.index(m.model), 0, m.parameters, f"models[{i}]")
+            Source(model=inputs.index(m.model), start=0, params=m.parameters, where=f"models[{i}]")
             for i, m in enumerate(recipe.models)
         ]
         base = inputs.index(recipe.base_model) if recipe.base_model else None
-        return [Group(tuple(sources), inputs.depth, None, base, "models")], []
+        group = Group(
+            sources=tuple(sources), length=inputs.depth, params=None, base=base, where="models"
+        )
+        return [group], []
     groups, problems = [], []
     for i, out_slice in enumerate(recipe.slices or []):
         sources = [
@@ -53,11 +56,11 @@ def plan_groups(inputs: Inputs) -> tuple[list[Group], list[Problem]]:
         first = out_slice.sources[0].layer_range
         groups.append(
             Group(
-                tuple(sources),
-                first[1] - first[0],
-                out_slice.parameters,
-                inputs.index(base_ref) if base_ref else None,
-                f"slices[{i}]",
+                sources=tuple(sources),
+                length=first[1] - first[0],
+                params=out_slice.parameters,
+                base=inputs.index(base_ref) if base_ref else None,
+                where=f"slices[{i}]",
             )
         )
         problems += [_out_of_bounds(inputs, i, j, s) for j, s in enumerate(out_slice.sources)]

@@ -53,21 +53,7 @@ def plan_tensor(
         )
     if template_info.dtype not in FLOAT_CODES:
         source = base_ref or InputRef(picked[0][0].model, picked[0][1])
-        return [
-            TensorPlan(
-                name=out_name,
-                shape=template_info.shape,
-                dtype=template_info.dtype,
-                section=section,
-                layer=layer,
-                t=t,
-                inputs=(source,),
-                base=None,
-                params={},
-                per_model=({},),
-                copy=True,
-            )
-        ]
+        return [_copy(out_name, template_info, section, layer, t, source)]
     resolved = resolve_params(ctx, found, out_name, group, picked, t)
     if resolved is None:
         return []
@@ -90,6 +76,25 @@ def plan_tensor(
             copy=copy,
         )
     ]
+
+
+def _copy(
+    out_name: str, info: TensorInfo, section: Section, layer: int | None, t: float, source: InputRef
+) -> TensorPlan:
+    """A tensor that is not floating point: copied from the base (or first) model."""
+    return TensorPlan(
+        name=out_name,
+        shape=info.shape,
+        dtype=info.dtype,
+        section=section,
+        layer=layer,
+        t=t,
+        inputs=(source,),
+        base=None,
+        params={},
+        per_model=({},),
+        copy=True,
+    )
 
 
 def _base_ref(

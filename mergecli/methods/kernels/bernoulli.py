@@ -1,4 +1,5 @@
-"""Exact Bernoulli(p) draws from seeded generators, and packed keep bits."""
+"""Exact Bernoulli(p) draws from seeded generators (equal to `reference.bernoulli_keep`:
+keep iff U < p, compared exactly), and packed keep bits."""
 
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ buckets of 2^16 float32 bit patterns, then of the patterns inside the chosen buc
 threshold among the zeros needs neither when the zeros are counted) and tells each block
 which entries it keeps: every entry above the threshold, plus the first `equal` entries at
 the threshold in flat order, so that exactly k are kept over the tensor, the lowest flat
-indices first among ties, as `top_k_mask` does on the whole.
+indices first among ties, as `top_k_mask` does on the whole: equal to
+`reference.top_k_mask` (a stable descending sort) over the whole tensor.
 """
 
 from __future__ import annotations

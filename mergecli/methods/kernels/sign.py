@@ -1,4 +1,5 @@
-"""TIES sign election and disjoint merge without boolean arithmetic (equal to `reference.ties_merge`)."""
+"""TIES sign election and disjoint merge without boolean arithmetic (equal to
+`reference.ties_merge`, exactly)."""
 
 from __future__ import annotations
 

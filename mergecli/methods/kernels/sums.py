@@ -1,4 +1,5 @@
-"""Sums that do not depend on how a tensor is cut into row blocks, and exact quantiles."""
+"""Sums that do not depend on how a tensor is cut into row blocks (equal to
+`reference.total`), and exact quantiles."""
 
 from __future__ import annotations
 

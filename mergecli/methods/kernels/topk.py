@@ -1,4 +1,4 @@
-"""Exact top-k by magnitude: `keep_count` entries kept, ties at the threshold lowest flat index first.
+"""Exact top-k by magnitude: `keep_count` entries, ties at the threshold lowest index first.
 
 The threshold is found by selection, not sorting (a two-pass radix select on the bits of float32
 magnitudes, `torch.kthvalue` otherwise). Equal to `reference.top_k_mask`.
