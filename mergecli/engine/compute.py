@@ -6,13 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
-from mergecli.engine.inputs import input_refs, load_checked, work_dtype
+from mergecli.engine.inputs import input_refs, load_checked, merge_args, work_dtype
 from mergecli.engine.numerics import cast_checked
 from mergecli.engine.stats import BlockStats
 from mergecli.io.dtypes import CODE_TO_TORCH, math_dtype
 from mergecli.io.reader import TensorReader
 from mergecli.methods.facts import apply
-from mergecli.methods.spec import MergeArgs
 from mergecli.plan.types import MergePlan, TensorPlan
 from mergecli.vocab.reindex import merge_rows
 
@@ -57,17 +56,8 @@ def compute_tensor(
             for r in input_refs(tensor)
         ]
     )
-    base = loaded.pop() if tensor.base else None
-    offset = 0 if rows is None else rows[0] * tensor.row_numel
-    args = MergeArgs(
-        tensors=loaded,
-        base=base,
-        params=tensor.params,
-        per_model=tensor.per_model,
-        name=tensor.name,
-        seed=plan.seed,
-        facts=stats.facts(offset) if stats else None,
-    )
+    args = merge_args(plan, tensor, loaded, rows, stats.facts if stats else lambda _: None)
+    base = args.base
     result = apply(plan.method, args)
     if tensor.post_scale is not None and base is not None:
         result = base + tensor.post_scale * (result - base)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from mergecli.engine.numerics import check_finite
 from mergecli.io.dtypes import math_dtype
 from mergecli.io.reader import TensorReader
+from mergecli.methods.spec import MergeArgs, TensorFacts
 from mergecli.plan.types import InputRef, MergePlan, TensorPlan
 
 
@@ -34,3 +37,25 @@ def load_checked(
     if check:
         check_finite(plan, model, name, tensor)
     return tensor
+
+
+def merge_args(
+    plan: MergePlan,
+    tensor: TensorPlan,
+    loaded: list[torch.Tensor],
+    rows: tuple[int, int] | None,
+    facts: Callable[[int], TensorFacts | None],
+) -> MergeArgs:
+    """The method's arguments for `tensor` (or its `rows`) from its inputs as loaded (the
+    base last, when it has one); `facts` gives the whole-tensor facts for the flat offset
+    of the first entry."""
+    base = loaded[-1] if tensor.base else None
+    return MergeArgs(
+        tensors=loaded[:-1] if tensor.base else loaded,
+        base=base,
+        params=tensor.params,
+        per_model=tensor.per_model,
+        name=tensor.name,
+        seed=plan.seed,
+        facts=facts(0 if rows is None else rows[0] * tensor.row_numel),
+    )

@@ -13,13 +13,13 @@ from typing import Any
 import torch
 
 from mergecli.engine.blocks import block_numel, row_blocks
-from mergecli.engine.inputs import input_refs, load_checked, work_dtype
+from mergecli.engine.inputs import input_refs, load_checked, merge_args, work_dtype
 from mergecli.engine.jobs import Job
 from mergecli.engine.memory import input_cache_bytes
 from mergecli.engine.numerics import check_unvouched
 from mergecli.io.reader import TensorReader
 from mergecli.methods.kernels.selection import Selection, Selector, zero_count
-from mergecli.methods.spec import MergeArgs, TensorFacts
+from mergecli.methods.spec import TensorFacts
 from mergecli.plan.types import MergePlan, TensorPlan
 
 SPARSE_MARGIN = 1.1
@@ -136,20 +136,9 @@ def block_sums(
             load_checked(plan, r.model, r.name, reader, work, rows, check=False) for r in refs
         ]
         inputs = list(loaded)
-        base = loaded.pop() if tensor.base else None
-        offset = 0 if rows is None else rows[0] * tensor.row_numel
-        args = MergeArgs(
-            tensors=loaded,
-            base=base,
-            params=tensor.params,
-            per_model=tensor.per_model,
-            name=tensor.name,
-            seed=plan.seed,
-            facts=TensorFacts(offset=offset),
-        )
-        found = sums_of(args)
+        found = sums_of(merge_args(plan, tensor, loaded, rows, lambda at: TensorFacts(offset=at)))
         # plain floats at once: a small tensor left above the freed block temporaries
-        # would pin them in the heap (RSS grew by a block per block)
+        # would pin them in the heap (RSS would grow by a block per block)
         kept = [
             None if k is None else bits.keep(m, index[rows], k) for m, k in enumerate(found.kept)
         ]
@@ -168,8 +157,8 @@ def block_sums(
 
 class _BitStore:
     """Keep bits of every block of a tensor in one allocation per model, made before the
-    blocks' temporaries: small buffers left among freed temporaries pin them in the heap
-    (a DARE run peaked at 2.8 GB instead of 1.2 GB). Pages never written cost nothing."""
+    blocks' temporaries: small buffers left among freed temporaries pin them in the heap.
+    Pages never written cost nothing."""
 
     def __init__(self, tensor: TensorPlan, blocks: Sequence[tuple[int, int] | None]) -> None:
         packed = [(block_numel(tensor, rows) + 7) // 8 for rows in blocks]
@@ -236,8 +225,8 @@ class StatsCache:
         return found.result()[job.rows]
 
     def _map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterable[Any]:
-        # results are taken in order as they come, not gathered: a tensor of 136 blocks
-        # held 100 MB of histograms at once
+        # results are taken in order as they come, not gathered: gathered, every block's
+        # histograms of a big tensor would be held at once
         return serial(fn, items) if self.pool is None else self.pool.map(fn, items)
 
     def _compute(self, tensor: TensorPlan) -> dict[tuple[int, int] | None, BlockStats]:
