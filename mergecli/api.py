@@ -90,12 +90,14 @@ def run(
     shard_size: str | int = DEFAULT_SHARD_BYTES,
     seed: int | None = None,
     overwrite: bool = False,
+    overwrite_any: bool = False,
     reproducible: bool = False,
     threads: int = PIPELINE_JOBS,
     max_memory: str | int | None = None,
     device: str = "cpu",
 ) -> RunResult:
-    """Merge into the folder `out` exactly as `mergecli run` does (same files, same bytes)."""
+    """Merge into the folder `out` exactly as `mergecli run` does (same files, same bytes);
+    `overwrite` replaces a mergecli output, `overwrite_any` any folder."""
     merge = plan(recipe, shard_size=shard_size, seed=seed)
     limit = None if max_memory is None else _size(max_memory)
     budget = budget_for(merge, limit, threads)
@@ -106,8 +108,9 @@ def run(
         merge,
         Path(out),
         recipe.text,
-        overwrite,
+        overwrite or overwrite_any,
         reproducible=reproducible,
+        overwrite_any=overwrite_any,
         budget=budget,
         device=where,
     )

@@ -33,8 +33,9 @@ from mergecli.engine.device import resolve_device
 from mergecli.engine.memory import PIPELINE_JOBS, Budget, budget_for, predict_peak
 from mergecli.engine.process import share_cores, tune_malloc
 from mergecli.engine.run import RunResult, run_plan
-from mergecli.errors import UsageError
+from mergecli.errors import Interrupted
 from mergecli.output.card import card_license
+from mergecli.output.folder import partial_dir
 from mergecli.plan.types import MergePlan, TensorPlan
 from mergecli.units import format_size
 
@@ -61,7 +62,17 @@ def run(
         bool, typer.Option("--dry-run", help="Validate and plan, write nothing.")
     ] = False,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing output folder.")
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace an existing output folder that is a mergecli output."
+        ),
+    ] = False,
+    overwrite_any: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite-any",
+            help="Replace an existing output folder whatever it holds (deletes its files).",
+        ),
     ] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -99,8 +110,6 @@ def run(
     plan = plan_recipe(recipe, shard_size, seed)
     budget = _budget(plan, max_memory, threads)
     where = resolve_device(device.value)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"-o {out} is a file", hint="give a folder path")
     if not quiet:
         _notes(plan)
     if dry_run:
@@ -110,8 +119,25 @@ def run(
         return
     text = recipe.read_text(encoding="utf-8")
     show = not quiet and (progress or sys.stderr.isatty())
-    options = RunOptions(overwrite, reproducible, clamp_overflow, resume, verify, budget, where)
-    result = _execute(plan, out, text, show, options)
+    options = RunOptions(
+        overwrite or overwrite_any,
+        reproducible,
+        clamp_overflow,
+        resume,
+        verify,
+        budget,
+        where,
+        overwrite_any,
+    )
+    try:
+        result = _execute(plan, out, text, show, options)
+    except KeyboardInterrupt:
+        left = partial_dir(out)
+        raise Interrupted(
+            f"interrupted; {left} could not be removed: delete it"
+            if left.exists()
+            else "interrupted; no output folder was left behind"
+        ) from None
     if result.reused_shards:
         STDERR.print(f"resumed: reused {result.reused_shards} of {len(plan.shard_names)} shards")
     for name, count in result.clamped.items():
@@ -151,6 +177,7 @@ class RunOptions:
     verify: bool
     budget: Budget
     device: torch.device
+    overwrite_any: bool = False
 
 
 def _budget(plan: MergePlan, max_memory: str | None, threads: int | None) -> Budget:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from mergecli.engine.inputs import input_refs, load_checked, merge_args, work_dtype
-from mergecli.engine.numerics import cast_checked
+from mergecli.engine.numerics import cast_checked, check_finite
 from mergecli.engine.stats import BlockStats
 from mergecli.io.dtypes import CODE_TO_TORCH, math_dtype
 from mergecli.io.reader import TensorReader
@@ -45,7 +45,10 @@ def compute_tensor(
         return _compute_vocab(plan, tensor, reader, clamp)
     if tensor.copy:
         ref = tensor.inputs[0]
-        return Computed(reader.read(plan.models[ref.model], ref.name, rows).to(out_dtype), [])
+        copied = reader.read(plan.models[ref.model], ref.name, rows).to(out_dtype)
+        if copied.is_floating_point():
+            check_finite(plan, ref.model, ref.name, copied)  # a copy is an output value too
+        return Computed(copied, [])
     work = work_dtype(plan, tensor)
     check = not (stats and stats.inputs_checked)
     loaded = (

@@ -16,6 +16,7 @@ from mergecli.engine.compute import Computed, compute_tensor
 from mergecli.engine.jobs import Job, plan_jobs
 from mergecli.engine.memory import Budget
 from mergecli.engine.pipeline import run_pipeline
+from mergecli.engine.process import uninterrupted
 from mergecli.engine.stats import StatsCache
 from mergecli.io.reader import TensorReader
 from mergecli.io.source import LocalSource
@@ -49,6 +50,7 @@ def run_plan(
     recipe_text: str,
     overwrite: bool = False,
     progress: Progress | None = None,
+    overwrite_any: bool = False,
     reproducible: bool = False,
     clamp_overflow: bool = False,
     resume: bool = False,
@@ -67,8 +69,14 @@ def run_plan(
     if block_elements is not None:
         budget = replace(budget, block_elements=block_elements)
     roots = [m.source.root for m in plan.models if isinstance(m.source, LocalSource)]
-    output.check_output(out, overwrite, roots)
-    sink = _Output(plan, output.start(out, resume), recipe_text, progress)
+    output.check_output(out, overwrite, roots, overwrite_any)
+    owned = output.start(out, resume)
+    try:
+        sink = _Output(plan, owned.path, recipe_text, progress)
+    except BaseException:
+        with uninterrupted():
+            output.discard(owned)
+        raise
     reader = TensorReader()
     stats = StatsCache(plan, reader, budget.block_elements, budget.workers)
 
@@ -100,9 +108,11 @@ def run_plan(
         run_pipeline(jobs, compute, store, budget)
         seconds = time.monotonic() - started
         files = sink.finish(None if reproducible else seconds, verify)
-        output.finish(sink.work, out)
+        output.finish(owned, out, overwrite, overwrite_any)
     except BaseException:
-        sink.abort()
+        with uninterrupted():
+            sink.abort()
+            output.discard(owned)
         raise
     finally:
         stats.close()
@@ -172,8 +182,7 @@ class _Output:
         return files
 
     def abort(self) -> None:
-        """Close everything and remove the unfinished output."""
+        """Close the writers of an unfinished output."""
         self.writer.abort()
         if self.masks is not None:
             self.masks.abort()
-        output.discard(self.work)

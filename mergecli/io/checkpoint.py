@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import pickle
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import torch
@@ -96,11 +96,35 @@ def _from_safetensors_files(source: ModelSource, names: list[str]) -> dict[str, 
     return tensors
 
 
-def _from_safetensors_index(source: ModelSource) -> dict[str, TensorInfo]:
-    index = read_json_object(source.local(SAFE_INDEX), source.label)
+def weight_map_of(source: ModelSource, index_file: str) -> dict[str, str]:
+    """The index's `weight_map`, checked: tensor names to shard file names, all strings,
+    each shard a plain relative name inside the model (no absolute path, no `..`)."""
+    index = read_json_object(source.local(index_file), source.label)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise CorruptFileError(f"{source.label}: {SAFE_INDEX} has no weight_map")
+        raise CorruptFileError(f"{source.label}: {index_file} has no weight_map")
+    for name, filename in weight_map.items():
+        if not isinstance(filename, str) or not isinstance(name, str):
+            raise CorruptFileError(
+                f"{source.label}: {index_file} maps {name!r} to {filename!r}; "
+                "tensor names and shard files must be strings"
+            )
+        check_relative(source.label, index_file, filename)
+    return weight_map
+
+
+def check_relative(label: str, where: str, filename: str) -> None:
+    """Refuse a file name read from an input that could point outside its model."""
+    parts = PurePosixPath(filename.replace("\\", "/")).parts
+    if not parts or filename.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+        raise CorruptFileError(
+            f"{label}: {where} names the file {filename!r}, which is not inside the model",
+            hint="file names in an index must be relative names inside the model folder",
+        )
+
+
+def _from_safetensors_index(source: ModelSource) -> dict[str, TensorInfo]:
+    weight_map = weight_map_of(source, SAFE_INDEX)
     shards = sorted(set(weight_map.values()))
     found = _from_safetensors_files(source, shards)
     for name, filename in weight_map.items():
@@ -131,8 +155,7 @@ def load_bin(path: Path, label: str) -> dict[str, torch.Tensor]:
 
 def _from_bin(source: ModelSource, files: set[str]) -> dict[str, TensorInfo]:
     if BIN_INDEX in files:
-        weight_map = read_json_object(source.local(BIN_INDEX), source.label).get("weight_map") or {}
-        shards = sorted(set(weight_map.values()))
+        shards = sorted(set(weight_map_of(source, BIN_INDEX).values()))
     else:
         shards = [BIN_SINGLE]
     tensors: dict[str, TensorInfo] = {}

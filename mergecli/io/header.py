@@ -8,6 +8,7 @@ Every way a header can lie (sizes, offsets past the end, duplicate names) is a
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import struct
@@ -61,7 +62,7 @@ def parse_header(raw: bytes, data_size: int, where: str) -> Header:
     """Parse header JSON bytes for a data section of `data_size` bytes."""
     try:
         doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates(where))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise _corrupt(where, f"header is not valid JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise _corrupt(where, "header is not a JSON object")
@@ -69,7 +70,16 @@ def parse_header(raw: bytes, data_size: int, where: str) -> Header:
     if not isinstance(metadata, dict):
         raise _corrupt(where, "`__metadata__` is not an object")
     entries = {name: _entry(where, name, spec, data_size) for name, spec in doc.items()}
+    _no_overlaps(where, entries)
     return Header(entries, {str(k): str(v) for k, v in metadata.items()}, 8 + len(raw))
+
+
+def _no_overlaps(where: str, entries: dict[str, HeaderEntry]) -> None:
+    """Tensors' byte ranges must not overlap (safetensors refuses such files too)."""
+    spans = sorted((e.begin, e.end, name) for name, e in entries.items() if e.end > e.begin)
+    for (_, end, first), (begin, _, second) in itertools.pairwise(spans):
+        if begin < end:
+            raise _corrupt(where, f"tensors `{first}` and `{second}` overlap in the data")
 
 
 def _no_duplicates(where: str) -> Any:

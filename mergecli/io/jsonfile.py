@@ -8,11 +8,21 @@ from typing import Any
 
 from mergecli.errors import CorruptFileError
 
+MAX_JSON_BYTES = 1 << 30  # a tokenizer.json of a large vocabulary is tens of MB
+
 
 def read_json(path: Path, label: str) -> Any:
-    """The JSON document in `path`; a file that cannot be read or parsed is a
-    CorruptFileError naming `label` (which model and file)."""
+    """The JSON document in `path`; a file that cannot be read or parsed, is larger than
+    MAX_JSON_BYTES or nested too deeply is a CorruptFileError naming `label` (which model
+    and file)."""
     try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise CorruptFileError(
+                f"{label}: {path.name} is {size} bytes; JSON inputs are limited to "
+                f"{MAX_JSON_BYTES} bytes",
+                hint="is this the right file?",
+            )
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CorruptFileError(

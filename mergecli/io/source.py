@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from mergecli.errors import NotFoundError
+from mergecli.errors import CorruptFileError, NotFoundError
 from mergecli.io.header import Header, HeaderEntry, read_header
 from mergecli.io.hub_errors import HUB_ERRORS, hub_error
 from mergecli.recipe.schema import ModelRef
@@ -58,10 +58,12 @@ class LocalSource:
         )
 
     def local(self, filename: str) -> Path:
-        """The file's path; NotFoundError when it is missing."""
+        """The file's path; NotFoundError when it is missing, CorruptFileError when the
+        name or a link leads outside the model folder."""
         path = self.root / filename
         if not path.is_file():
             raise NotFoundError(f"{self.label}: file {filename} not found in {self.root}")
+        inside(self.label, self.root, path, filename)
         return path
 
     def header(self, filename: str) -> Header:
@@ -155,6 +157,21 @@ class HubSource:
 
 def _repo_cache(cache_dir: Path, repo_id: str) -> Path:
     return cache_dir / ("models--" + repo_id.replace("/", "--"))
+
+
+def inside(label: str, root: Path, path: Path, filename: str) -> None:
+    """Refuse `path` (file `filename` of the model in `root`) unless it stays inside `root`
+    once links and `..` are resolved; a Hub cache snapshot's links into its repo's
+    `blobs/` are inside."""
+    real, base = path.resolve(), root.resolve()
+    allowed = [base]
+    if root.parent.name == "snapshots":
+        allowed.append(root.parent.parent.resolve() / "blobs")
+    if not any(real == a or a in real.parents for a in allowed):
+        raise CorruptFileError(
+            f"{label}: {filename} leads outside the model folder (to {real})",
+            hint="a model's files must lie inside its folder; copy the file in instead of linking",
+        )
 
 
 def looks_local(path: str) -> bool:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import struct
+import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ class ShardWriter:
         self._headers: list[bytes] = []
         self._sizes: list[int] = []
         self._fds: dict[int, int] = {}
-        self._finished: list[int] = []
+        self._open_lock = threading.Lock()
         self._syncer: ThreadPoolExecutor | None = None
         self._syncs: list[Future[None]] = []
         self._unflushed: dict[int, int] = {}
@@ -95,14 +96,18 @@ class ShardWriter:
         return tuple(self._sizes)
 
     def open(self, keep: frozenset[int] = frozenset()) -> None:
-        """Create every shard file and write its header; shards in `keep` are left as they are."""
+        """Create every shard file and write its header; shards in `keep` are left as they
+        are. Files are closed again: a shard is opened when first written and closed once
+        finished, so a run holds a few descriptors however many shards it writes."""
         try:
             for index, (name, header) in enumerate(zip(self.shard_names, self._headers)):
                 if index in keep:
                     continue
                 fd = os.open(self.folder / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-                self._fds[index] = fd
-                _pwrite_all(fd, header, 0)
+                try:
+                    _pwrite_all(fd, header, 0)
+                finally:
+                    os.close(fd)
                 if self.digest:
                     self._digests[index] = hashlib.sha256(header)
                     self._hashed[index] = len(header)
@@ -113,9 +118,9 @@ class ShardWriter:
         """Mark one shard complete and start flushing it on a background thread (the disk
         writes overlap the math of the next shards; `close` waits for them); return its
         sha256 when every byte was hashed in order."""
-        fd = self._fds.pop(index)
-        self._finished.append(fd)
-        self._sync(os.fsync, fd)
+        fd = self._fd(index)
+        del self._fds[index]
+        self._sync(_fsync_close, fd)
         if self._hashed.get(index) != self._sizes[index]:
             return None
         return self._digests[index].hexdigest()  # type: ignore[no-any-return]
@@ -131,7 +136,7 @@ class ShardWriter:
         slot, data = self._bytes(name, tensor, byte_offset)
         if data.nbytes:
             try:
-                _pwrite_all(self._fds[slot.shard], data.data, slot.offset + byte_offset)
+                _pwrite_all(self._fd(slot.shard), data.data, slot.offset + byte_offset)
             except OSError as exc:
                 raise _output_error(exc) from None
 
@@ -151,7 +156,15 @@ class ShardWriter:
         if self._unflushed[shard] < FLUSH_BYTES or (running is not None and not running.done()):
             return
         self._unflushed[shard] = 0
-        self._flushing[shard] = self._sync(_datasync, self._fds[shard])
+        self._flushing[shard] = self._sync(_datasync, self._fd(shard))
+
+    def _fd(self, shard: int) -> int:
+        """The open descriptor of `shard`, opened on first use (any thread)."""
+        with self._open_lock:
+            fd = self._fds.get(shard)
+            if fd is None:
+                fd = self._fds[shard] = os.open(self.folder / self.shard_names[shard], os.O_RDWR)
+            return fd
 
     def _sync(self, flush: Any, fd: int) -> Future[None]:
         if self._syncer is None:
@@ -207,15 +220,23 @@ class ShardWriter:
         return error
 
     def _close_all(self) -> None:
-        for fd in [*self._finished, *self._fds.values()]:
+        for fd in self._fds.values():
             os.close(fd)
-        self._fds, self._finished = {}, []
+        self._fds = {}
 
     def index(self) -> dict[str, Any]:
         """The `model.safetensors.index.json` document."""
         total = sum(slot.nbytes for slot in self.slots.values())
         weight_map = {name: self.shard_names[slot.shard] for name, slot in self.slots.items()}
         return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+
+
+def _fsync_close(fd: int) -> None:
+    """Flush a finished shard to disk and close it (closed even when the flush fails)."""
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:

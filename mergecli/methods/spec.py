@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -57,6 +58,8 @@ class ParamSpec:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"expected {self.allowed()}, found {value!r}"
+        if not math.isfinite(value):
+            return f"{value!r} is not a finite number; allowed: {self.allowed()}"
         if self.type == "int" and not isinstance(value, int):
             return f"expected {self.allowed()}, found {value!r}"
         too_low = self.minimum is not None and (

@@ -64,3 +64,14 @@ def layer_counts(names: list[str]) -> dict[str, int]:
         if split is not None:
             counts[split.stack] = max(counts.get(split.stack, 0), split.index + 1)
     return counts
+
+
+def layer_rests(names: list[str], stack: str | None) -> dict[int, tuple[str, ...]]:
+    """The names within each layer of `stack` (`self_attn.q_proj.weight`, ...), by layer
+    index, in the order of `names` (one pass)."""
+    found: dict[int, list[str]] = {}
+    for name in names:
+        split = split_layer(name)
+        if split is not None and split.stack == stack:
+            found.setdefault(split.index, []).append(split.rest)
+    return {index: tuple(rests) for index, rests in found.items()}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ from mergecli.io.checkpoint import ModelInfo, load_model_info
 from mergecli.io.jsonfile import read_json
 from mergecli.io.source import resolve_source
 from mergecli.methods.spec import MethodSpec
-from mergecli.model.layers import layer_counts, main_stack
+from mergecli.model.layers import layer_counts, layer_rests, main_stack
 from mergecli.recipe.refs import recipe_place, referenced_models
 from mergecli.recipe.schema import ModelRef, Recipe
 from mergecli.vocab.planning import TokenizerFacts
@@ -36,6 +36,8 @@ class Inputs:
     facts: tuple[TokenizerFacts, ...]
     template: int
     main_stacks: tuple[str | None, ...]
+    layers: tuple[Mapping[int, tuple[str, ...]], ...] = ()  # per model: its main stack's
+    # layer index -> the names within that layer
 
     @property
     def stack(self) -> str | None:
@@ -70,6 +72,11 @@ def read_inputs(recipe: Recipe, resolve: Resolver) -> Inputs:
     if problems:
         raise RecipeError(problems)
     models = tuple(model for model, _ in loaded)
+    stacks = tuple(main_stack_of(m) for m in models)
+    layers = tuple(layer_rests(list(m.tensors), s) for m, s in zip(models, stacks))
+    gaps = [_gap(recipe, *found) for found in zip(refs, models, stacks, layers)]
+    if any(gaps):
+        raise RecipeError([g for g in gaps if g is not None])
     return Inputs(
         recipe=recipe,
         spec=spec,
@@ -77,7 +84,29 @@ def read_inputs(recipe: Recipe, resolve: Resolver) -> Inputs:
         models=models,
         facts=tuple(facts for _, facts in loaded),
         template=refs.index(template_ref(recipe, refs)),
-        main_stacks=tuple(main_stack_of(m) for m in models),
+        main_stacks=stacks,
+        layers=layers,
+    )
+
+
+def _gap(
+    recipe: Recipe,
+    ref: ModelRef,
+    model: ModelInfo,
+    stack: str | None,
+    layers: Mapping[int, tuple[str, ...]],
+) -> Problem | None:
+    """A main stack must number its layers 0..N-1 (a gap or an absurd index is a damaged
+    checkpoint, and would make every later step walk layers that do not exist)."""
+    if not layers or len(layers) == max(layers) + 1:
+        return None
+    missing = next(i for i in range(len(layers) + 1) if i not in layers)
+    return Problem(
+        recipe_place(recipe, ref),
+        f"{model.label}: the layers of `{stack}` are numbered up to {max(layers)} but only "
+        f"{len(layers)} exist (no layer {missing})",
+        "layer numbers must run 0..N-1; is the checkpoint damaged?",
+        code=3,
     )
 
 

@@ -34,18 +34,6 @@ def plan_all(ctx: Context, found: Findings) -> tuple[list[TensorPlan], list[Laye
     return out, sources
 
 
-def _layer_rests(ctx: Context, model: int, index: int) -> list[str]:
-    """The names within the layer (`self_attn.q_proj.weight`, ...) of layer `index` of the
-    main stack of `model`."""
-    stack = ctx.inputs.main_stacks[model]
-    out = []
-    for name in ctx.inputs.models[model].tensors:
-        split = split_layer(name)
-        if split is not None and split.index == index and split.stack == stack:
-            out.append(split.rest)
-    return out
-
-
 def _plan_layers(ctx: Context, found: Findings) -> tuple[list[TensorPlan], list[LayerSource]]:
     out: list[TensorPlan] = []
     sources: list[LayerSource] = []
@@ -64,7 +52,7 @@ def _plan_layer(
     stacks = ctx.inputs.main_stacks
     first = group.sources[0]
     out: list[TensorPlan] = []
-    for rest in _layer_rests(ctx, first.model, first.start + k):
+    for rest in ctx.inputs.layers[first.model].get(first.start + k, ()):
         names = [f"{stacks[s.model]}.{s.start + k}.{rest}" for s in group.sources]
         out_name = f"{ctx.inputs.stack}.{out_layer}.{rest}"
         out += plan_tensor(ctx, found, out_name, group, names, "layer", out_layer, t)

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from mergecli.errors import Problem, RecipeError
+from mergecli.recipe import yaml_loader
 from mergecli.recipe.check import check_raw, check_recipe
 from mergecli.recipe.schema import Recipe
 from mergecli.recipe.suggest import closest
@@ -81,7 +82,7 @@ def parse_recipe(text: str, source: str = "") -> Recipe:
 
 def _load_yaml(text: str, source: str) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(text)
+        data = yaml_loader.load(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"

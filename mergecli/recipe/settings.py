@@ -8,6 +8,7 @@ layers, non-numeric lists pick the nearest-lower entry, and the first condition 
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, StrictBool, StrictFloat, StrictInt
@@ -22,7 +23,7 @@ ScalarOrGradient = Scalar | list[Scalar]
 class Condition(BaseModel):
     """`{filter: self_attn, value: 0.5}`: applies when `filter` is in the tensor name."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     filter: str | None = None
     value: ScalarOrGradient
@@ -57,8 +58,21 @@ def _check_condition(item: dict[Any, Any]) -> None:
         )
 
 
+def _check_finite(raw: Any) -> None:
+    """NaN and infinities pass every range check (all comparisons are false): refuse them."""
+    leaves = raw if isinstance(raw, list) else [raw]
+    for leaf in leaves:
+        value = leaf.get("value") if isinstance(leaf, dict) else leaf
+        for number in value if isinstance(value, list) else [value]:
+            if isinstance(number, float) and not math.isfinite(number):
+                raise PydanticCustomError(
+                    "bad_setting", "{value} is not a finite number", {"value": repr(number)}
+                )
+
+
 def _check_setting(raw: Any) -> Any:
     """Reject shapes that are not a setting, with one clear message instead of a union dump."""
+    _check_finite(raw)
     if _is_scalar(raw):
         return raw
     if isinstance(raw, dict):

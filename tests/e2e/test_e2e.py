@@ -435,8 +435,16 @@ def test_overwrite_replaces_and_output_inside_input_is_refused(
     code, _, err = invoke(runner, "run", str(recipe), "-o", str(out))
     assert code == 5 and (out / "old.txt").exists()
     code, _, err = invoke(runner, "run", str(recipe), "-o", str(out), "--overwrite")
+    assert (
+        code == 5
+        and "is not a mergecli output (no mergecli_manifest.json); it holds: old.txt" in err
+    )
+    assert (out / "old.txt").read_text() == "old"
+    code, _, err = invoke(runner, "run", str(recipe), "-o", str(out), "--overwrite-any")
     assert code == 0, err
     assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
+    code, _, err = invoke(runner, "run", str(recipe), "-o", str(out), "--overwrite")
+    assert code == 0, err  # a mergecli output may be replaced
     code, _, err = invoke(runner, "run", str(recipe), "-o", str(family["a"] / "merged"))
     assert code == 5 and "overlaps the input model folder" in err
     assert not (family["a"] / "merged").exists()
