@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -22,24 +23,35 @@ class State:
     verbose = False
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` with control characters shown as escapes (`\\x1b`): names from recipes and
+    files must not drive the terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def render_error(exc: BaseException) -> int:
     """Print `exc` to stderr and return the exit code it maps to."""
     if isinstance(exc, KeyboardInterrupt):
         exc = Interrupted("interrupted; no output folder was left behind")
     if isinstance(exc, RecipeError):
         where = f" in {exc.source}" if exc.source else ""
-        STDERR.print(f"[bold red]error:[/] {exc.title}{where}: {exc.message}", markup=True)
+        STDERR.print("[bold red]error:[/] ", markup=True, end="")
+        STDERR.print(printable(f"{exc.title}{where}: {exc.message}"), markup=False)
         for problem in exc.problems:
-            STDERR.print("  - " + problem.render().replace("\n", "\n  "), markup=False)
+            text = "  - " + problem.render().replace("\n", "\n  ")
+            STDERR.print(printable(text), markup=False)
         return exc.exit_code
     if isinstance(exc, MergecliError):
         STDERR.print(f"[bold red]error:[/] {exc.title}: ", markup=True, end="")
-        STDERR.print(exc.message, markup=False)
+        STDERR.print(printable(exc.message), markup=False)
         if exc.hint:
-            STDERR.print(f"  hint: {exc.hint}", markup=False)
+            STDERR.print(printable(f"  hint: {exc.hint}"), markup=False)
         return exc.exit_code
     STDERR.print("[bold red]internal error:[/] ", markup=True, end="")
-    STDERR.print(f"{type(exc).__name__}: {exc}", markup=False)
+    STDERR.print(printable(f"{type(exc).__name__}: {exc}"), markup=False)
     STDERR.print(f"  hint: {REPORT_HINT}", markup=False)
     if State.verbose:
         STDERR.print("".join(traceback.format_exception(exc)), markup=False)

@@ -20,7 +20,7 @@ from mergecli.engine.process import uninterrupted
 from mergecli.engine.stats import StatsCache
 from mergecli.io.reader import TensorReader
 from mergecli.io.source import LocalSource
-from mergecli.io.writer import ShardWriter
+from mergecli.io.writer import ShardWriter, output_error
 from mergecli.output import folder as output
 from mergecli.output import resume as progress_file
 from mergecli.output.manifest import hash_files, write_manifest
@@ -176,9 +176,12 @@ class _Output:
         (self.work / progress_file.PROGRESS).unlink(missing_ok=True)
         if self.masks is not None:
             self.masks.close()
-        write_side_files(self.plan, self.work, self.writer, self.recipe_text)
-        files = hash_files(self.work, self.recorded)
-        write_manifest(self.plan, self.work, files, seconds, verify)
+        try:
+            write_side_files(self.plan, self.work, self.writer, self.recipe_text)
+            files = hash_files(self.work, self.recorded)
+            write_manifest(self.plan, self.work, files, seconds, verify)
+        except OSError as exc:  # a full disk after the shards is still an output problem
+            raise output_error(exc) from None
         return files
 
     def abort(self) -> None:

@@ -112,7 +112,7 @@ class ShardWriter:
                     self._digests[index] = hashlib.sha256(header)
                     self._hashed[index] = len(header)
         except OSError as exc:
-            raise _output_error(exc) from None
+            raise output_error(exc) from None
 
     def finish_shard(self, index: int) -> str | None:
         """Mark one shard complete and start flushing it on a background thread (the disk
@@ -138,7 +138,7 @@ class ShardWriter:
             try:
                 _pwrite_all(self._fd(slot.shard), data.data, slot.offset + byte_offset)
             except OSError as exc:
-                raise _output_error(exc) from None
+                raise output_error(exc) from None
 
     def absorb(self, name: str, tensor: torch.Tensor, byte_offset: int = 0) -> None:
         """Hash what `put` wrote, from one thread in file order (else the shard is re-read)."""
@@ -201,7 +201,7 @@ class ShardWriter:
                 error = error or exc
         self._close_all()
         if error is not None:
-            raise _output_error(error)
+            raise output_error(error)
 
     def abort(self) -> None:
         """Close without flushing (the folder is about to be removed)."""
@@ -246,7 +246,8 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _output_error(exc: OSError) -> OutputError:
+def output_error(exc: OSError) -> OutputError:
+    """An OSError met while writing the output, as the error the user sees (exit 5)."""
     import errno
 
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):

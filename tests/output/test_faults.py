@@ -65,12 +65,13 @@ import pathlib, sys, time
 import mergecli.engine.run as run
 from mergecli.cli import main
 
-marker, compute = pathlib.Path(sys.argv.pop(1)), run.compute_tensor
+marker, delay = pathlib.Path(sys.argv.pop(1)), float(sys.argv.pop(1))
+compute = run.compute_tensor
 
 def slow(*args, **kwargs):
     done = compute(*args, **kwargs)
     marker.touch()  # a tensor is merged: the run is under way, far from its end
-    time.sleep(0.2)
+    time.sleep(delay)
     return done
 
 run.compute_tensor = slow
@@ -88,7 +89,7 @@ def test_interrupt_mid_merge_leaves_nothing(
     out, marker = tmp_path / "out", tmp_path / "merging"
     recipe = big_recipe(tmp_path, big_pair)
     proc = subprocess.Popen(
-        [sys.executable, "-c", SLOW_MERGE, str(marker), "run", str(recipe), "-o", str(out)],
+        [sys.executable, "-c", SLOW_MERGE, str(marker), "0.2", "run", str(recipe), "-o", str(out)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
