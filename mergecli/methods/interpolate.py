@@ -53,6 +53,8 @@ def arcee_fusion(args: MergeArgs) -> torch.Tensor:
     reaches median + 1.5 IQR of all importances (exact quantiles)."""
     assert args.base is not None
     a, c = args.base, args.tensors[0]
+    if a.numel() == 0:
+        return a.clone()  # no importance to rank
     p = torch.softmax(c, dim=-1)
     kl = (p * (torch.log_softmax(c, dim=-1) - torch.log_softmax(a, dim=-1))).sum(
         dim=-1, keepdim=True

@@ -38,10 +38,16 @@ def tall_masks(args: MergeArgs) -> list[torch.Tensor]:
 
 def _mask_folder_check(params: Mapping[str, Any], model: Mapping[str, Any]) -> str | None:
     folder = params.get("save_masks")
-    if folder and (
-        PurePosixPath(folder).is_absolute() or ".." in PurePosixPath(folder).parts or "\\" in folder
-    ):
+    if folder is None:
+        return None
+    parts = PurePosixPath(str(folder)).parts
+    if not parts or PurePosixPath(folder).is_absolute() or ".." in parts or "\\" in folder:
         return f"save_masks {folder!r} must be a relative folder inside the output (no `..`)"
+    if parts[0] == "." or "." in parts[0][1:] or parts[0].startswith("mergecli_"):
+        return (
+            f"save_masks {folder!r} would collide with the output's own files; "
+            "use a plain folder name such as `masks`"
+        )
     return None
 
 
@@ -65,6 +71,8 @@ def pcb(args: MergeArgs) -> torch.Tensor:
     follows the paper, as the spec asks.
     """
     assert args.base is not None
+    if args.base.numel() == 0:
+        return args.base.clone()  # no entry to balance
     n = len(args.tensors)
     d = torch.stack([(t - args.base).reshape(-1) for t in args.tensors])
     intra = torch.softmax(n * _minmax(d * d), dim=-1)

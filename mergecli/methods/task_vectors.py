@@ -139,6 +139,8 @@ def _breadcrumbs_counts(
 
 
 def _della(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
+    if delta.numel() == 0:
+        return delta  # no entry to rank or draw
     density = float(args.per_model[i]["density"])
     probs = magprune_probabilities(delta, density, float(args.params["epsilon"]))
     keep = bernoulli_keep(delta.numel(), 0, args.seed, args.name, i, probs.cpu().numpy())

@@ -45,7 +45,7 @@ def mask_folder(plan: MergePlan) -> str | None:
     if plan.method.masks is None:
         return None
     folders = {t.params.get("save_masks") for t in plan.tensors if not t.copy} - {None}
-    return str(next(iter(folders))) if folders else None
+    return str(min(folders)) if folders else None  # a method-wide parameter: one folder
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:

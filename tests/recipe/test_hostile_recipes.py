@@ -166,3 +166,34 @@ def test_control_characters_of_model_names_are_not_echoed(
     code, out, err = invoke(runner, "validate", str(write(tmp_path / "r.yaml", text)))
     assert code in (2, 3), err
     assert not any(c in err + out for c in "\x1b\x07\r")
+
+
+@pytest.mark.parametrize(
+    ("folder", "message"),
+    [
+        (".", "must be a relative folder inside the output"),
+        ("''", "must be a relative folder inside the output"),
+        ("/tmp/x", "must be a relative folder inside the output"),
+        ("a/../../x", "must be a relative folder inside the output"),
+        ("config.json", "would collide with the output's own files"),
+        ("model.safetensors", "would collide with the output's own files"),
+        ("README.md", "would collide with the output's own files"),
+        ("mergecli_recipe", "would collide with the output's own files"),
+        ("tokenizer.json", "would collide with the output's own files"),
+    ],
+)
+def test_save_masks_folders_that_collide_or_escape(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner, folder: str, message: str
+) -> None:
+    text = (
+        f"merge_method: consensus\nbase_model: {family['base']}\n"
+        f"parameters: {{k: 1, save_masks: {folder}}}\nmodels:\n"
+        f"  - model: {family['a']}\n    parameters: {{lambda: 0.5}}\n"
+        f"  - model: {family['b']}\n    parameters: {{lambda: 0.5}}\n"
+    )
+    code, _, err = invoke(
+        runner, "run", str(write(tmp_path / "r.yaml", text)), "-o", str(tmp_path / "o")
+    )
+    assert code == 2, err
+    assert message in err
+    assert not (tmp_path / "o").exists()

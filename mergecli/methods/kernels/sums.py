@@ -35,8 +35,10 @@ def dare_norms(delta: torch.Tensor, kept: torch.Tensor) -> tuple[float, float]:
 def row_sums(values: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Sum of each row accumulated in `dtype` (a 0-D or 1-D tensor is one row): a row's sum
     does not depend on which block of rows it was computed in."""
-    rows = values.reshape(values.shape[0] if values.dim() > 1 else 1, -1)
-    return rows.sum(dim=1, dtype=dtype)
+    count = values.shape[0] if values.dim() > 1 else 1
+    if values.numel() == 0:
+        return torch.zeros(count, dtype=dtype, device=values.device)  # reshape can't infer -1
+    return values.reshape(count, -1).sum(dim=1, dtype=dtype)
 
 
 def exact_total(parts: Sequence[torch.Tensor]) -> float:
