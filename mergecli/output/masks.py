@@ -44,8 +44,8 @@ def mask_folder(plan: MergePlan) -> str | None:
     """The folder inside the output for per-task masks, when the method saves them."""
     if plan.method.masks is None:
         return None
-    folders = {t.params.get("save_masks") for t in plan.tensors if not t.copy} - {None}
-    return str(min(folders)) if folders else None  # a method-wide parameter: one folder
+    folders = {str(t.params["save_masks"]) for t in plan.tensors if t.params.get("save_masks")}
+    return min(folders) if folders else None  # a method-wide parameter: one folder
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
