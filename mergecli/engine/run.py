@@ -72,7 +72,7 @@ def run_plan(
     output.check_output(out, overwrite, roots, overwrite_any)
     owned = output.start(out, resume)
     try:
-        sink = _Output(plan, owned.path, recipe_text, progress)
+        sink = _Output(plan, owned.path, recipe_text, progress, verify)
     except BaseException:
         with uninterrupted():
             output.discard(owned)
@@ -107,7 +107,7 @@ def run_plan(
         jobs = plan_jobs(plan, sink.keep, budget.block_elements)
         run_pipeline(jobs, compute, store, budget)
         seconds = time.monotonic() - started
-        files = sink.finish(None if reproducible else seconds, verify)
+        files = sink.finish(None if reproducible else seconds)
         output.finish(owned, out, overwrite, overwrite_any)
     except BaseException:
         with uninterrupted():
@@ -132,15 +132,21 @@ class _Output:
     shards finished so far with their digests (the resume records), clamped counts."""
 
     def __init__(
-        self, plan: MergePlan, work: Path, recipe_text: str, progress: Progress | None
+        self,
+        plan: MergePlan,
+        work: Path,
+        recipe_text: str,
+        progress: Progress | None,
+        verify: bool = False,
     ) -> None:
         self.plan, self.work, self.recipe_text, self.progress = plan, work, recipe_text, progress
+        self.inputs = progress_file.input_files(plan, hashed=verify)
         self.writer = ShardWriter(work, plan.shard_names, plan.tensors)
         folder = mask_folder(plan)
         self.masks = (
             ShardWriter(work / folder, (MASKS_FILE,), mask_entries(plan)) if folder else None
         )
-        self.print_ = progress_file.fingerprint(plan, recipe_text)
+        self.print_ = progress_file.fingerprint(plan, recipe_text, self.inputs)
         finished = {} if self.masks else progress_file.finished_shards(work, plan, self.print_)
         self.keep = frozenset(finished)
         self.last = {t.shard: i for i, t in enumerate(plan.tensors)}
@@ -170,7 +176,7 @@ class _Output:
         if job.final and self.progress is not None:
             self.progress(tensor)
 
-    def finish(self, seconds: float | None, verify: bool) -> dict[str, str]:
+    def finish(self, seconds: float | None) -> dict[str, str]:
         """Close the shards, write the side files and the manifest; the output's digests."""
         self.writer.close()
         (self.work / progress_file.PROGRESS).unlink(missing_ok=True)
@@ -179,7 +185,7 @@ class _Output:
         try:
             write_side_files(self.plan, self.work, self.writer, self.recipe_text)
             files = hash_files(self.work, self.recorded)
-            write_manifest(self.plan, self.work, files, seconds, verify)
+            write_manifest(self.plan, self.work, files, seconds, self.inputs)
         except OSError as exc:  # a full disk after the shards is still an output problem
             raise output_error(exc) from None
         return files

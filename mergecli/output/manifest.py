@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 from mergecli import __version__
 from mergecli.output import folder as output
@@ -23,14 +24,14 @@ def hash_files(work: Path, known: dict[str, str]) -> dict[str, str]:
 
 
 def write_manifest(
-    plan: MergePlan, work: Path, files: dict[str, str], seconds: float | None, verify: bool
+    plan: MergePlan,
+    work: Path,
+    files: dict[str, str],
+    seconds: float | None,
+    inputs: list[dict[str, Any]],
 ) -> None:
-    inputs = progress_file.input_files(plan)
-    if verify:
-        for entry in inputs:
-            root = Path(entry["path"]) if "path" in entry else None
-            for name, facts in (entry.get("files") or {}).items():
-                facts["sha256"] = progress_file.sha256_file(root / name)  # type: ignore[operator]
+    """Write `mergecli_manifest.json`: tool, method, seed, recipe hash, the inputs as
+    `resume.input_files` describes them, every output file's sha256, the wall time."""
     recipe_text = (work / "mergecli_recipe.yaml").read_bytes()
     manifest = {
         "tool": "mergecli",

@@ -29,8 +29,9 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def input_files(plan: MergePlan) -> list[dict[str, Any]]:
-    """Per input: its reference, commit, and size and mtime of each local weight file."""
+def input_files(plan: MergePlan, hashed: bool = False) -> list[dict[str, Any]]:
+    """Per input: its reference, commit, and size and mtime of each local weight file
+    (and its sha256 when `hashed`: `--verify`, so a resume trusts no size and mtime)."""
     out = []
     for ref, model in zip(plan.refs, plan.models):
         entry: dict[str, Any] = {"ref": str(ref), "commit": model.source.commit}
@@ -41,17 +42,20 @@ def input_files(plan: MergePlan) -> list[dict[str, Any]]:
             entry["files"] = {
                 n: {"size": s.st_size, "mtime_ns": s.st_mtime_ns} for n, s in stats.items()
             }
+            if hashed:
+                for name, facts in entry["files"].items():
+                    facts["sha256"] = sha256_file(model.source.root / name)
         out.append(entry)
     return out
 
 
-def fingerprint(plan: MergePlan, recipe_text: str) -> str:
-    """A hash of everything that decides the output bytes."""
+def fingerprint(plan: MergePlan, recipe_text: str, inputs: list[dict[str, Any]]) -> str:
+    """A hash of everything that decides the output bytes (`inputs`: `input_files`)."""
     layout = [(t.name, list(t.shape), t.dtype, t.shard) for t in plan.tensors]
     doc = {
         "recipe": recipe_text,
         "seed": plan.seed,
-        "inputs": input_files(plan),
+        "inputs": inputs,
         "shards": list(plan.shard_names),
         "layout": layout,
     }

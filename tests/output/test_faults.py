@@ -240,7 +240,8 @@ def test_resume_recomputes_a_damaged_shard(big_pair: tuple[Path, Path], tmp_path
     from mergecli.cli._common import plan_recipe
 
     plan = plan_recipe(Path(recipe), "20MB")
-    fingerprint = progress_file.fingerprint(plan, Path(recipe).read_text())
+    text = Path(recipe).read_text()
+    fingerprint = progress_file.fingerprint(plan, text, progress_file.input_files(plan))
     recorded = {name: progress_file.sha256_file(work / name) for name in shards[:2]}
     progress_file.record(work, fingerprint, recorded)
     with (work / shards[1]).open("r+b") as handle:

@@ -255,3 +255,57 @@ def test_repeated_signals_do_not_interrupt_the_cleanup(
     assert proc.returncode == 130, err
     assert "interrupted; no output folder was left behind" in err and "Traceback" not in err
     assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.slow
+def test_verify_resume_trusts_no_size_and_mtime(
+    big_pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A recorded shard whose input changed in place (same size, same mtime) is reused by a
+    plain resume but recomputed by `--resume --verify`, which hashes the inputs."""
+    import shutil
+
+    from mergecli.cli._common import plan_recipe
+    from mergecli.output import resume as progress_file
+    from mergecli.output.folder import MARKER
+
+    pair = (tmp_path / "m1", tmp_path / "m2")
+    for source, dest in zip(big_pair, pair):
+        shutil.copytree(source, dest)
+    recipe = big_recipe(tmp_path, pair)
+    common = ["--shard-size", "20MB", "--reproducible", "--verify"]
+    run = [sys.executable, "-m", "mergecli", "run", str(recipe)]
+    assert subprocess.run([*run, "-o", str(tmp_path / "old"), *common], env=ENV).returncode == 0
+    work = tmp_path / "out.partial"
+    work.mkdir()
+    (work / MARKER).write_text("")
+    shards = sorted(p.name for p in (tmp_path / "old").glob("model-*.safetensors"))
+    for name in shards[:3]:
+        shutil.copy(tmp_path / "old" / name, work / name)
+    plan = plan_recipe(recipe, "20MB")
+    inputs = progress_file.input_files(plan, hashed=True)
+    recorded = {name: progress_file.sha256_file(work / name) for name in shards[:3]}
+    progress_file.record(
+        work, progress_file.fingerprint(plan, recipe.read_text(), inputs), recorded
+    )
+    weights = pair[1] / "model.safetensors"
+    stat = weights.stat()
+    with weights.open("r+b") as handle:  # the first tensor's data: same size, new bytes
+        handle.seek(weights.stat().st_size - 4 * 1024 * 256 * 120)
+        handle.write(b"\x00\x00\x80\x3f" * 1024)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    resumed = subprocess.run(
+        [*run, "-o", str(tmp_path / "out"), *common, "--resume"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed" not in resumed.stderr
+    fresh = subprocess.run([*run, "-o", str(tmp_path / "fresh"), *common], env=ENV)
+    assert fresh.returncode == 0
+    for name in shards:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
+    assert (tmp_path / "out" / shards[0]).read_bytes() != (
+        tmp_path / "old" / shards[0]
+    ).read_bytes()
