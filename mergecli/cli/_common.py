@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mergecli.errors import RecipeError, UsageError
+import yaml
+
+from mergecli.errors import Problem, RecipeError, UsageError
 from mergecli.plan.build import build_plan
+from mergecli.plan.inputs import model_problems
 from mergecli.plan.types import MergePlan
-from mergecli.recipe.load import load_recipe
+from mergecli.recipe import yaml_loader
+from mergecli.recipe.load import load_recipe, read_recipe_text
 from mergecli.units import parse_size
 
 
@@ -25,9 +29,22 @@ def shard_bytes(text: str) -> int:
 
 
 def plan_recipe(path: Path, shard_size: str = "5GB", seed: int | None = None) -> MergePlan:
-    """Load and check a recipe, resolve its models and plan the merge (no weights read)."""
-    recipe = load_recipe(path)
+    """Load and check a recipe, resolve its models and plan the merge (no weights read).
+    When the recipe itself is invalid, the models it names are checked too, so every
+    problem shows at once."""
+    try:
+        recipe = load_recipe(path)
+    except RecipeError as exc:
+        raise RecipeError([*exc.problems, *_model_problems(path)], exc.source) from None
     try:
         return build_plan(recipe, path.resolve().parent, shard_bytes(shard_size), seed)
     except RecipeError as exc:
         raise RecipeError(exc.problems, str(path)) from None
+
+
+def _model_problems(path: Path) -> list[Problem]:
+    try:
+        data = yaml_loader.load(read_recipe_text(path))
+    except (RecipeError, yaml.YAMLError):
+        return []
+    return model_problems(data, path.resolve().parent)

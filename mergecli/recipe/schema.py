@@ -36,7 +36,8 @@ class ModelRef(_Frozen):
         return text
 
 
-def _parse_model_ref(raw: Any) -> Any:
+def parse_model_ref(raw: Any) -> Any:
+    """The fields of a model reference written as a string (`org/name@rev+adapter`)."""
     if isinstance(raw, str):
         text = raw.strip()
         if not text:
@@ -56,7 +57,7 @@ def _parse_model_ref(raw: Any) -> Any:
     )
 
 
-ModelSpec = Annotated[ModelRef, BeforeValidator(_parse_model_ref)]
+ModelSpec = Annotated[ModelRef, BeforeValidator(parse_model_ref)]
 
 _DTYPE_ALIASES = {
     "float32": "float32",

@@ -103,7 +103,8 @@ def test_recipe_errors_exit_2_without_traceback(runner: CliRunner, tmp_path: Pat
     )
     code, out, err = invoke(runner, "run", str(recipe), "-o", str(tmp_path / "o"))
     assert code == 2 and out == ""
-    assert f"error: invalid recipe in {recipe}: 2 problems" in err
+    assert f"error: invalid recipe in {recipe}: 3 problems" in err  # the model's own too
+    assert "models[0].model: a/b: not in the local cache" in err
     assert "Traceback" not in err
     code, _, err = invoke(runner, "validate", str(tmp_path))
     assert code == 2 and "is a directory, not a recipe file" in err

@@ -197,3 +197,29 @@ def test_save_masks_folders_that_collide_or_escape(
     assert code == 2, err
     assert message in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "mistake",
+    ["modles: []\n", "dtype: fp8\n", "parameters: {wieght: 1}\n", "merge_method: linaer\n"],
+    ids=["unknown-key", "bad-dtype", "misplaced-param", "unknown-method"],
+)
+def test_recipe_problems_do_not_hide_model_problems(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner, mistake: str
+) -> None:
+    text = (
+        "merge_method: linear\n"
+        f"models:\n  - model: {tmp_path / 'missing'}\n    parameters: {{weight: 1}}\n"
+        f"  - model: {family['a']}\n    parameters: {{weight: 1}}\n"
+    )
+    lines = [
+        line
+        for line in text.splitlines(keepends=True)
+        if not line.startswith(mistake.split(":")[0] + ":")
+    ]
+    code, _, err = invoke(
+        runner, "validate", str(write(tmp_path / "r.yaml", "".join(lines) + mistake))
+    )
+    assert code == 2, err
+    assert f"models[0].model: {tmp_path / 'missing'}: local folder not found" in err
+    assert "models[1]" not in err  # the good model has no problem
