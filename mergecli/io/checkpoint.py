@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import pickle
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -141,7 +140,7 @@ def load_bin(path: Path, label: str) -> dict[str, torch.Tensor]:
     """Load a pickled checkpoint safely: tensors only (`weights_only=True`), memory-mapped."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
+    except Exception as exc:  # any failure to parse hostile bytes is the file's problem
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CorruptFileError(
             f"{label}: refused to load {path.name}: it is not a plain tensor checkpoint ({first})",

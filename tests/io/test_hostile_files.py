@@ -238,3 +238,36 @@ def test_an_absurd_layer_index_is_refused_at_once(
         "the layers of `model.layers` are numbered up to 100000000 but only 4 exist (no layer 3)"
         in err
     )
+
+
+def _pickles() -> dict[str, bytes]:
+    import io
+    import pickle
+
+    import torch
+
+    buffers = {"nested": b"\x80\x02" + b"]" * 100_000 + b"."}  # 100000 lists on the unpickler stack
+    for name, value in {"not-tensors": {"w": "text"}, "list": [1, 2]}.items():
+        out = io.BytesIO()
+        torch.save(value, out)
+        buffers[name] = out.getvalue()
+    buffers["pickle-of-a-dict"] = pickle.dumps({"w": 1}, protocol=2)
+    good = io.BytesIO()
+    torch.save({"w": torch.ones(3)}, good)
+    buffers["truncated-zip"] = good.getvalue()[:200]
+    buffers["random"] = bytes(range(256)) * 40
+    buffers["empty"] = b""
+    return buffers
+
+
+@pytest.mark.parametrize("kind", sorted(_pickles()))
+def test_hostile_bin_checkpoints_are_refused(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner, kind: str
+) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    shutil.copy(family["a"] / "config.json", folder / "config.json")
+    (folder / "pytorch_model.bin").write_bytes(_pickles()[kind])
+    code, _, err = invoke(runner, "validate", str(recipe_of(tmp_path, folder)))
+    assert code == 3, err
+    assert "pytorch_model.bin" in err and "Traceback" not in err
