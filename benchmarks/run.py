@@ -63,6 +63,16 @@ def inputs_of(method: str, family: Path) -> list[Path]:
     return ft if method == "linear" else [family / "base", *ft]
 
 
+def ensure_family(size: str, family: Path) -> Path:
+    """The benchmark family of `size` in `family`, made first when it is missing."""
+    if not (family / "ft3").exists():
+        subprocess.run(
+            [sys.executable, str(HERE / "make_family.py"), "--size", size, "--out", str(family)],
+            check=True,
+        )
+    return family
+
+
 def timed(command: list[str]) -> tuple[float, int]:
     """Run `command` under /usr/bin/time; return (wall seconds, peak RSS bytes)."""
     done = subprocess.run(
@@ -95,19 +105,7 @@ def main() -> None:
         help="time each command N times, interleaved; report the median wall and the largest peak",
     )
     args = parser.parse_args()
-    family = args.work / args.size
-    if not (family / "ft3").exists():
-        subprocess.run(
-            [
-                sys.executable,
-                str(HERE / "make_family.py"),
-                "--size",
-                args.size,
-                "--out",
-                str(family),
-            ],
-            check=True,
-        )
+    family = ensure_family(args.size, args.work / args.size)
     mergekit = shutil.which("mergekit-yaml") if args.compare_mergekit else None
     if args.compare_mergekit and not mergekit:
         print("mergekit-yaml not installed: no mergekit figures", file=sys.stderr)
