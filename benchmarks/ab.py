@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from run import inputs_of, recipes, timed  # noqa: E402
+from run import ensure_family, inputs_of, recipes, timed  # noqa: E402
 
 
 def command(code: Path, recipe: Path, out: Path) -> list[str]:
@@ -54,19 +54,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--methods", nargs="*", default=list(recipes(Path())))
     args = parser.parse_args()
-    family = HERE / "_work" / args.size
-    if not (family / "ft3").exists():
-        subprocess.run(
-            [
-                sys.executable,
-                str(HERE / "make_family.py"),
-                "--size",
-                args.size,
-                "--out",
-                str(family),
-            ],
-            check=True,
-        )
+    family = ensure_family(args.size, HERE / "_work" / args.size)
     with tempfile.TemporaryDirectory() as tmp:
         old = Path(tmp) / "old"
         subprocess.run(

@@ -24,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from run import ensure_family  # noqa: E402
 from run import recipes as benchmark_recipes  # noqa: E402
 
 
@@ -62,19 +63,7 @@ def recipe_files(work: Path, sizes: list[str]) -> list[Path]:
     """The bundled recipes, then the benchmark recipes written for each family size."""
     found = sorted((ROOT / "recipes").glob("*.yaml"))
     for size in sizes:
-        family = HERE / "_work" / size
-        if not (family / "ft3").exists():
-            subprocess.run(
-                [
-                    sys.executable,
-                    str(HERE / "make_family.py"),
-                    "--size",
-                    size,
-                    "--out",
-                    str(family),
-                ],
-                check=True,
-            )
+        family = ensure_family(size, HERE / "_work" / size)
         for method, text in benchmark_recipes(family).items():
             path = work / f"{size}-{method}.yaml"
             path.write_text(text)
