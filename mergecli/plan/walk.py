@@ -29,7 +29,7 @@ def plan_all(ctx: Context, found: Findings) -> tuple[list[TensorPlan], list[Laye
     layers, sources = _plan_layers(ctx, found)
     out += layers
     for name in post:
-        out += plan_tensor(ctx, found, name, last, [name] * len(last.sources), "post", None, 1.0)
+        out += plan_tensor(ctx, found, name, last, [name] * len(last.sources), "post", None, 0.0)
     out += _plan_other_stacks(ctx, found, first)
     return out, sources
 
