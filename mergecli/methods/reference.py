@@ -178,14 +178,14 @@ def breadcrumbs(
     tensors: Sequence[Tensor],
     weights: Sequence[float],
     densities: Sequence[float],
+    gammas: Sequence[float],
     params: dict[str, object],
     elect: bool,
 ) -> Tensor:
     """Model Breadcrumbs (Davari & Belilovsky 2023): drop the gamma fraction of largest
     magnitudes (nothing when floor(gamma n) = 0) and the smallest, keeping `density`."""
-    gamma = float(params["gamma"])  # type: ignore[arg-type]
     kept = []
-    for t, density in zip(tensors, densities):
+    for t, density, gamma in zip(tensors, densities, gammas):
         delta = t - base
         n = delta.numel()
         target = keep_count(n, density) if density < 1 else n
@@ -214,14 +214,14 @@ def della(
     masks: Sequence[Tensor],
     weights: Sequence[float],
     densities: Sequence[float],
+    epsilons: Sequence[float],
     params: dict[str, object],
     elect: bool,
 ) -> Tensor:
     """DELLA: MagPrune's drop (masks drawn with `della_probabilities`), rescaled by L1 norm
     or by 1/p per entry, then TIES-merged (`elect`) or added."""
-    epsilon = float(params["epsilon"])  # type: ignore[arg-type]
     kept = []
-    for t, m, density in zip(tensors, masks, densities):
+    for t, m, density, epsilon in zip(tensors, masks, densities, epsilons):
         delta = t - base
         dropped = delta * m
         if params["rescale"]:

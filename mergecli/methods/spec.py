@@ -51,7 +51,11 @@ class ParamSpec:
     def check(self, value: Any) -> str | None:
         """None when `value` is allowed, else what is wrong."""
         if self.type == "bool":
-            return None if isinstance(value, bool) else f"expected true or false, found {value!r}"
+            # 0 and 1 (also 0.0, 1.0) are booleans to mergekit's schema: `normalize: 1.0`
+            numeric = not isinstance(value, bool) and isinstance(value, (int, float))
+            if isinstance(value, bool) or (numeric and value in (0, 1)):
+                return None
+            return f"expected true or false, found {value!r}"
         if self.type == "str":
             if not isinstance(value, str) or (self.choices and value not in self.choices):
                 return f"expected {self.allowed()}, found {value!r}"
@@ -153,8 +157,9 @@ class MethodSpec:
     prepare: Prepare | None = None
     masks: Callable[[MergeArgs], list[torch.Tensor]] | None = None
     elementwise: bool = False
-    copies: Callable[[Mapping[str, Any]], bool] | None = None  # with these method-wide
-    # parameters the output is the single input unchanged (a plain copy, no math)
+    copies: Callable[[Mapping[str, Any], Sequence[Mapping[str, Any]]], bool] | None = None
+    # with these (method-wide, per-model) parameters the output is the single input
+    # unchanged: a plain copy, no math
     count_hint: str = ""  # what to do instead when a recipe gives the wrong model count
     topk: TopK | None = None
     sums: Callable[[MergeArgs], BlockSums] | None = None  # model i's sums run over every

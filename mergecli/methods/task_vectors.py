@@ -135,14 +135,14 @@ def _breadcrumbs(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
 def _breadcrumbs_counts(
     params: Mapping[str, Any], model: Mapping[str, Any], numel: int
 ) -> list[int]:
-    return list(breadcrumbs_counts(numel, float(model["density"]), float(params["gamma"])))
+    return list(breadcrumbs_counts(numel, float(model["density"]), float(model["gamma"])))
 
 
 def _della(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
     if delta.numel() == 0:
         return delta  # no entry to rank or draw
     density = float(args.per_model[i]["density"])
-    probs = magprune_probabilities(delta, density, float(args.params["epsilon"]))
+    probs = magprune_probabilities(delta, density, float(args.per_model[i]["epsilon"]))
     keep = bernoulli_keep(delta.numel(), 0, args.seed, args.name, i, probs.cpu().numpy())
     rescale = bool(args.params["rescale"])
     mode = str(args.params["rescale_mode"])
@@ -189,7 +189,7 @@ def sce(args: MergeArgs) -> torch.Tensor:
 
 
 def _della_check(params: Mapping[str, Any], model: Mapping[str, Any]) -> str | None:
-    density, epsilon = float(model["density"]), float(params["epsilon"])
+    density, epsilon = float(model["density"]), float(model["epsilon"])
     if density - epsilon <= 0 or density + epsilon > 1:
         return (
             f"density {density} with epsilon {epsilon} gives keep probabilities "
@@ -212,7 +212,7 @@ LAMBDA = ParamSpec("lambda", "float", "global", "scale of the merged task vector
 GAMMA = ParamSpec(
     "gamma",
     "float",
-    "global",
+    "model",
     "fraction of largest-magnitude entries dropped",
     default=0.01,
     minimum=0.0,
@@ -252,7 +252,7 @@ DELLA_PAPER = "https://arxiv.org/abs/2406.11617"
 EPSILON = ParamSpec(
     "epsilon",
     "float",
-    "global",
+    "model",
     "spread of keep probabilities around density",
     default=0.15,
     minimum=0.0,

@@ -59,7 +59,9 @@ def plan_tensor(
         return []
     params, per_model = resolved
     dtype = out_dtype(ctx, template_info.dtype)
-    copy = spec.copies is not None and spec.copies(params) and dtype == template_info.dtype
+    copy = (
+        spec.copies is not None and spec.copies(params, per_model) and dtype == template_info.dtype
+    )
     inputs = tuple(InputRef(s.model, n) for s, n in picked)
     return [
         TensorPlan(

@@ -9,6 +9,7 @@ layers, non-numeric lists pick the nearest-lower entry, and the first condition 
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, StrictBool, StrictFloat, StrictInt
@@ -70,8 +71,24 @@ def _check_finite(raw: Any) -> None:
                 )
 
 
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _numbers(raw: Any) -> Any:
+    """Numbers that YAML 1.1 reads as strings (`1e-5`, `1E10`: no decimal point) as the
+    floats they are, as mergekit's schema converts them; in gradients and condition values."""
+    if isinstance(raw, str) and _NUMBER.match(raw.strip()):
+        return float(raw)
+    if isinstance(raw, list):
+        return [_numbers(item) for item in raw]
+    if isinstance(raw, dict) and "value" in raw:
+        return {**raw, "value": _numbers(raw["value"])}
+    return raw
+
+
 def _check_setting(raw: Any) -> Any:
     """Reject shapes that are not a setting, with one clear message instead of a union dump."""
+    raw = _numbers(raw)
     _check_finite(raw)
     if _is_scalar(raw):
         return raw

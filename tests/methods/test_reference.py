@@ -59,8 +59,14 @@ def call(
 ) -> torch.Tensor:
     spec = methods.get(name)
     assert spec is not None
-    full = {p.name: p.default for p in spec.scoped("global")} | params
-    models = [{p.name: p.default for p in spec.scoped("model")} | m for m in per_model]
+    # a method-wide keyword sets the method's parameter; a per-model one (gamma, epsilon,
+    # scale) applies to every model unless it sets its own, as a recipe's top level does
+    scoped = {p.name for p in spec.scoped("model")}
+    shared = {k: v for k, v in params.items() if k in scoped}
+    full = {p.name: p.default for p in spec.scoped("global")} | {
+        k: v for k, v in params.items() if k not in scoped
+    }
+    models = [{p.name: p.default for p in spec.scoped("model")} | shared | m for m in per_model]
     return methods.apply(spec, MergeArgs(tensors, base, full, models, "w", seed))
 
 
@@ -231,13 +237,14 @@ def test_dare(name: str, mode: str, rescale: bool) -> None:
 @pytest.mark.parametrize("gamma", [0.0, 0.01, 0.1])
 def test_breadcrumbs(name: str, gamma: float) -> None:
     base, models = family(5)
-    weights, densities = [0.6, 0.4, 0.5], [0.5, 0.8, 1.0]
-    per = [{"weight": w, "density": d} for w, d in zip(weights, densities)]
-    got = call(name, models, base, per, gamma=gamma)
+    weights, densities, gammas = [0.6, 0.4, 0.5], [0.5, 0.8, 1.0], [gamma, 2 * gamma, 0.05]
+    per = [{"weight": w, "density": d, "gamma": g} for w, d, g in zip(weights, densities, gammas)]
+    got = call(name, models, base, per)
     spec = methods.get(name)
     assert spec is not None
-    params = {p.name: p.default for p in spec.scoped("global")} | {"gamma": gamma}
-    want = ref.breadcrumbs(base, models, weights, densities, params, elect=name.endswith("ties"))
+    params = {p.name: p.default for p in spec.scoped("global")}
+    elect = name.endswith("ties")
+    want = ref.breadcrumbs(base, models, weights, densities, gammas, params, elect=elect)
     close(got, want)
 
 
@@ -245,24 +252,27 @@ def test_breadcrumbs(name: str, gamma: float) -> None:
 @pytest.mark.parametrize("mode", ["l1", "inverse_density"])
 def test_della(name: str, mode: str) -> None:
     base, models = family(6)
-    weights, densities, epsilon = [0.5, 0.3, 0.2], [0.5, 0.6, 0.4], 0.2
-    per = [{"weight": w, "density": d} for w, d in zip(weights, densities)]
-    got = call(name, models, base, per, seed=3, epsilon=epsilon, rescale_mode=mode)
+    weights, densities, epsilons = [0.5, 0.3, 0.2], [0.5, 0.6, 0.4], [0.2, 0.1, 0.3]
+    per = [
+        {"weight": w, "density": d, "epsilon": e} for w, d, e in zip(weights, densities, epsilons)
+    ]
+    got = call(name, models, base, per, seed=3, rescale_mode=mode)
     masks = [
         torch.from_numpy(
             bernoulli_keep(
-                base.numel(), 0, 3, "w", i, ref.della_probabilities(m - base, d, epsilon).numpy()
+                base.numel(), 0, 3, "w", i, ref.della_probabilities(m - base, d, e).numpy()
             )
         )
         .reshape(SHAPE)
         .double()
-        for i, (m, d) in enumerate(zip(models, densities))
+        for i, (m, d, e) in enumerate(zip(models, densities, epsilons))
     ]
     spec = methods.get(name)
     assert spec is not None
     params = {p.name: p.default for p in spec.scoped("global")}
-    params |= {"epsilon": epsilon, "rescale_mode": mode}
-    close(got, ref.della(base, models, masks, weights, densities, params, elect=name == "della"))
+    params |= {"rescale_mode": mode}
+    want = ref.della(base, models, masks, weights, densities, epsilons, params, name == "della")
+    close(got, want)
 
 
 @pytest.mark.parametrize("topk", [1.0, 0.3])
