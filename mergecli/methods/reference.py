@@ -37,15 +37,19 @@ def top_k_mask(magnitude: Tensor, k: int) -> Tensor:
     return mask.reshape(magnitude.shape)
 
 
-def ties_merge(deltas: Sequence[Tensor], weights: Sequence[float], normalize: bool) -> Tensor:
+def ties_merge(
+    deltas: Sequence[Tensor], weights: Sequence[float], normalize: bool, count: bool = False
+) -> Tensor:
     """TIES (Yadav et al. 2023, eq. 2-3) on weighted task vectors v_i = w_i d_i: elected sign
     s = sign(sum_i v_i) (+ where the sum is >= 0); an entry of v_i agrees when its sign is s
     (zeros agree with no sign); merged = sum of agreeing v_i, divided by the sum of their
-    weights with `normalize` (by 1 where nothing agrees)."""
+    weights with `normalize` (by 1 where nothing agrees). With `count` the elected sign is
+    that of the number of positive minus negative v_i (mergekit's `count`, PEFT's
+    `frequency`)."""
     weighted = [w * d for w, d in zip(weights, deltas)]
-    total = weighted[0]
+    total = torch.sign(weighted[0]) if count else weighted[0]
     for v in weighted[1:]:
-        total = total + v
+        total = total + (torch.sign(v) if count else v)
     sign = torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
     merged = torch.zeros_like(total)
     divisor = torch.zeros_like(total)
@@ -117,10 +121,12 @@ def ties(
     densities: Sequence[float],
     lam: float,
     normalize: bool,
+    count: bool = False,
 ) -> Tensor:
-    """TIES: trim each task vector to its top-k magnitudes, elect signs, disjoint merge."""
+    """TIES: trim each task vector to its top-k magnitudes, elect signs (by sum, or by
+    count), disjoint merge."""
     trimmed = [trim(t - base, d) for t, d in zip(tensors, densities)]
-    return base + lam * ties_merge(trimmed, weights, normalize)
+    return base + lam * ties_merge(trimmed, weights, normalize, count)
 
 
 def trim(delta: Tensor, density: float) -> Tensor:

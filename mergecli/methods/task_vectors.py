@@ -39,7 +39,8 @@ def _combine(args: MergeArgs, deltas: list[torch.Tensor], elect: bool) -> torch.
     weights = [float(p["weight"]) for p in args.per_model]
     normalize = bool(args.params["normalize"])
     if elect:
-        merged = disjoint_merge(deltas, weights, normalize)
+        count = args.params.get("consensus_method") == "count"
+        merged = disjoint_merge(deltas, weights, normalize, count)
     else:
         merged = torch.zeros_like(args.base)
         for weight, delta in zip(weights, deltas):
@@ -238,6 +239,17 @@ INT8_MASK = ParamSpec(
 )
 
 
+CONSENSUS = ParamSpec(
+    "consensus_method",
+    "str",
+    "global",
+    "sign election: sum (of the weighted task vectors, TIES) or count (of their signs: "
+    "mergekit's count, PEFT's frequency)",
+    default="sum",
+    choices=("sum", "count"),
+)
+
+
 def _normalize(default: bool) -> ParamSpec:
     return ParamSpec(
         "normalize", "bool", "global", "divide by the (agreeing) weights' sum", default=default
@@ -274,7 +286,7 @@ SPECS = (
         "ties",
         ties,
         "Trim task vectors by magnitude, elect signs, merge the agreeing entries.",
-        (WEIGHT, DENSITY, LAMBDA, _normalize(True), INT8_MASK),
+        (WEIGHT, DENSITY, LAMBDA, _normalize(True), INT8_MASK, CONSENSUS),
         needs_base=True,
         paper=TIES_PAPER,
         peak_copies=8.0,
@@ -296,7 +308,7 @@ SPECS = (
         "dare_ties",
         dare_ties,
         "DARE drop and rescale, then TIES sign election and disjoint merge.",
-        (WEIGHT, DENSITY, LAMBDA, _normalize(False), RESCALE, RESCALE_MODE, INT8_MASK),
+        (WEIGHT, DENSITY, LAMBDA, _normalize(False), RESCALE, RESCALE_MODE, INT8_MASK, CONSENSUS),
         needs_base=True,
         random=True,
         paper=DARE_PAPER,
@@ -317,7 +329,7 @@ SPECS = (
         "breadcrumbs_ties",
         breadcrumbs_ties,
         "Breadcrumbs mask, then TIES sign election and disjoint merge.",
-        (WEIGHT, DENSITY, GAMMA, LAMBDA, _normalize(False), INT8_MASK),
+        (WEIGHT, DENSITY, GAMMA, LAMBDA, _normalize(False), INT8_MASK, CONSENSUS),
         needs_base=True,
         paper=BREADCRUMBS_PAPER,
         topk=_breadcrumbs_counts,
@@ -326,7 +338,17 @@ SPECS = (
         "della",
         della,
         "MagPrune (magnitude-ranked random drop) and rescale, then TIES sign election.",
-        (WEIGHT, DENSITY, EPSILON, LAMBDA, _normalize(True), RESCALE, RESCALE_MODE, INT8_MASK),
+        (
+            WEIGHT,
+            DENSITY,
+            EPSILON,
+            LAMBDA,
+            _normalize(True),
+            RESCALE,
+            RESCALE_MODE,
+            INT8_MASK,
+            CONSENSUS,
+        ),
         needs_base=True,
         random=True,
         paper=DELLA_PAPER,

@@ -26,6 +26,7 @@ from mergecli.methods.kernels.topk import keep_selected, kth_largest, top_k_mask
         ("task_arithmetic", "base_model: {base}\n"),
         ("nearswap", "base_model: {base}\nparameters: {{t: 0.05}}\n"),
         ("ties", "base_model: {base}\nparameters: {{density: 0.4}}\n"),
+        ("ties", "base_model: {base}\nparameters: {{density: 0.4, consensus_method: count}}\n"),
         ("breadcrumbs", "base_model: {base}\nparameters: {{density: 0.5, gamma: 0.1}}\n"),
         ("breadcrumbs_ties", "base_model: {base}\nparameters: {{density: 0.3, gamma: 0.05}}\n"),
         ("slerp", "base_model: {base}\nparameters: {{t: [0, 0.3, 1]}}\n"),

@@ -133,13 +133,21 @@ WEIGHTS = [[1.0, 1.0, 1.0], [0.5, 0.3, 0.2], [0.7, -0.4, 0.2], [1.0, 0.0, 2.0]]
 @pytest.mark.parametrize("weights", WEIGHTS)
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("count", [False, True])
 def test_disjoint_merge_equals_the_ties_formula(
-    weights: list[float], normalize: bool, dtype: torch.dtype
+    weights: list[float], normalize: bool, dtype: torch.dtype, count: bool
 ) -> None:
     deltas = [hostile(10 + i, dtype=dtype) for i in range(3)]
     deltas[1].reshape(-1)[:5] = -deltas[0].reshape(-1)[:5]  # sums of exactly zero
-    got = disjoint_merge(deltas, weights, normalize)
-    assert torch.equal(got, ref.ties_merge(deltas, weights, normalize))
+    got = disjoint_merge(deltas, weights, normalize, count)
+    assert torch.equal(got, ref.ties_merge(deltas, weights, normalize, count))
+
+
+def test_count_election_differs_from_sum_where_magnitudes_disagree() -> None:
+    big, small = torch.tensor([-10.0]), torch.tensor([1.0])
+    deltas, weights = [big, small, small], [1.0, 1.0, 1.0]
+    assert float(disjoint_merge(deltas, weights, False)) == -10.0  # the sum is negative
+    assert float(disjoint_merge(deltas, weights, False, count=True)) == 2.0  # two of three +
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -204,12 +212,14 @@ def test_task_arithmetic(normalize: bool) -> None:
 
 @pytest.mark.parametrize("densities", [[0.5, 0.7, 0.3], [1.0, 0.05, 0.0], [0.2, 0.2, 0.2]])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_ties(densities: list[float], normalize: bool) -> None:
+@pytest.mark.parametrize("consensus", ["sum", "count"])
+def test_ties(densities: list[float], normalize: bool, consensus: str) -> None:
     base, models = family(3)
     weights = [0.5, 0.3, 0.2]
     per = [{"weight": w, "density": d} for w, d in zip(weights, densities)]
-    got = call("ties", models, base, per, normalize=normalize)
-    close(got, ref.ties(base, models, weights, densities, 1.0, normalize))
+    got = call("ties", models, base, per, normalize=normalize, consensus_method=consensus)
+    want = ref.ties(base, models, weights, densities, 1.0, normalize, consensus == "count")
+    close(got, want)
 
 
 @pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -14,13 +15,17 @@ def elect_sign(weighted: torch.Tensor) -> torch.Tensor:
 
 
 def disjoint_merge(
-    deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool
+    deltas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    normalize: bool,
+    count: bool = False,
 ) -> torch.Tensor:
     """TIES merge of task vectors d_i with weights w_i, without stacking them: the elected
-    sign is that of sum_i w_i d_i (+ where >= 0); entries of w_i d_i agreeing with it are
-    summed, and divided by the sum of their weights if `normalize`. Entries that are exactly
-    zero agree with no sign and count in neither sum."""
-    sign = _elected_sign(deltas, weights)
+    sign is that of sum_i w_i d_i (+ where >= 0), or with `count` that of the number of
+    positive minus negative w_i d_i; entries of w_i d_i agreeing with it are summed, and
+    divided by the sum of their weights if `normalize`. Entries that are exactly zero agree
+    with no sign and count in neither sum."""
+    sign = _counted_sign(deltas, weights) if count else _elected_sign(deltas, weights)
     merged, divisor = torch.empty_like(sign), torch.empty_like(sign) if normalize else None
     signed_weight, agreeing = torch.empty_like(sign), torch.empty_like(sign)
     for i, (weight, delta) in enumerate(zip(weights, deltas)):
@@ -51,6 +56,14 @@ def _add_weight(divisor: torch.Tensor, agreeing: torch.Tensor, weight: float, fi
             divisor.mul_(weight)
     else:
         divisor.add_(agreeing.sign_(), alpha=weight)
+
+
+def _counted_sign(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """+1.0 where at least as many w_i d_i are positive as negative, else -1.0."""
+    total = torch.zeros((), dtype=deltas[0].dtype, device=deltas[0].device)
+    for weight, delta in zip(weights, deltas):
+        total = total + torch.sign(delta) * math.copysign(1.0, weight) if weight else total
+    return torch.copysign(torch.ones((), dtype=deltas[0].dtype, device=deltas[0].device), total)
 
 
 def _elected_sign(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
