@@ -82,6 +82,13 @@ class CorruptFileError(MergecliError):
     title = "bad input file"
 
 
+class IncompatibleModelError(MergecliError):
+    """A model mergecli cannot merge correctly (e.g. a quantized checkpoint)."""
+
+    exit_code = 4
+    title = "incompatible model"
+
+
 class NumericsError(MergecliError):
     """NaN/Inf in an input or output, or a value outside the output dtype's range."""
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mergecli import methods
-from mergecli.errors import MergecliError, Problem, RecipeError
+from mergecli.errors import IncompatibleModelError, MergecliError, Problem, RecipeError
 from mergecli.io.checkpoint import ModelInfo, load_model_info
 from mergecli.io.jsonfile import read_json
 from mergecli.io.source import resolve_source
@@ -147,12 +147,41 @@ def load_models(
     for ref in refs:
         try:
             model = resolve(ref)
+            refuse_quantized(model)
             models.append((model, tokenizer_facts(model)))
         except MergecliError as exc:
             problems.append(
                 Problem(recipe_place(recipe, ref), exc.message, exc.hint, code=exc.exit_code)
             )
     return models, problems
+
+
+QUANTIZED_TENSORS = (".qweight", ".qzeros", ".g_idx", ".SCB", ".weight_format", ".absmax")
+
+
+def refuse_quantized(model: ModelInfo) -> None:
+    """A quantized checkpoint holds packed integers and scales: merged as numbers they would
+    give garbage, so it is refused (exit 4) until it is dequantized."""
+    configs = [model.config, model.config.get("text_config") or {}]
+    found = next(
+        (
+            c["quantization_config"]
+            for c in configs
+            if isinstance(c, dict) and c.get("quantization_config")
+        ),
+        None,
+    )
+    packed = next((n for n in model.tensors if n.endswith(QUANTIZED_TENSORS)), None)
+    if found is None and packed is None:
+        return
+    method = found.get("quant_method", "unknown") if isinstance(found, dict) else "unknown"
+    what = f"quant_method `{method}` in config.json" if found is not None else f"`{packed}`"
+    raise IncompatibleModelError(
+        f"{model.label} is a quantized checkpoint ({what}); its packed weights and scales "
+        "cannot be merged as numbers",
+        hint="merge the unquantized original, or dequantize first (transformers: load it, "
+        "`model.dequantize()`, `save_pretrained`)",
+    )
 
 
 def layer_section(config: dict[str, Any], stack: str) -> dict[str, Any]:
