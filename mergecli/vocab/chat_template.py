@@ -3,7 +3,7 @@
 - a model of the recipe (as written there): that model's template (`chat_template.jinja`,
   or `chat_template` in its `tokenizer_config.json`);
 - `auto`: the template most merged models share (the first such model's on a tie);
-- `chatml`: the ChatML template;
+- `chatml`, `llama3`, `mistral`, `alpaca`, `exaone`: built-in templates of those formats;
 - text with `{{` or `{%`: inline Jinja, written as given.
 """
 
@@ -23,7 +23,46 @@ CHATML = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-BUILT_IN = {"chatml": CHATML}
+LLAMA3 = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' "
+    "+ message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
+MISTRAL = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% else %}{{ message['content'] + '\n\n' }}{% endif %}"
+    "{% endfor %}"
+)
+ALPACA = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
+)
+EXAONE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '[|assistant|]' + message['content'] + '[|endofturn|]\n' }}"
+    "{% else %}{{ '[|' + message['role'] + '|]' + message['content'] + '\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}"
+)
+# the formats mergekit's recipes name (written here from the formats, not copied)
+BUILT_IN = {
+    "chatml": CHATML,
+    "llama3": LLAMA3,
+    "mistral": MISTRAL,
+    "alpaca": ALPACA,
+    "exaone": EXAONE,
+}
 
 
 def read_template(model: ModelInfo) -> str | None:

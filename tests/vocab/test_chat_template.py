@@ -98,3 +98,38 @@ def test_unknown_name_and_model_without_template_are_errors(
     code, err, out = merge(runner, tmp_path / "2", {"a": family["a"]}, str(family["a"]))
     assert code == 4
     assert f"chat_template: {family['a']} has no chat template" in err
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello"},
+    {"role": "user", "content": "Bye"},
+]
+RENDERED = {
+    "chatml": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    "<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n",
+    "llama3": "<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\nHello<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "mistral": "<s>Be brief.\n\n[INST] Hi [/INST]Hello</s>[INST] Bye [/INST]",
+    "alpaca": "Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello</s>\n\n"
+    "### Instruction:\nBye\n\n### Response:\n",
+    "exaone": "[|system|]Be brief.\n[|user|]Hi\n[|assistant|]Hello[|endofturn|]\n"
+    "[|user|]Bye\n[|assistant|]",
+}
+
+
+@pytest.mark.parametrize("name", sorted(RENDERED))
+def test_built_in_templates_render_their_format(name: str) -> None:
+    import jinja2
+
+    from mergecli.vocab.chat_template import BUILT_IN
+
+    template = jinja2.Environment().from_string(BUILT_IN[name])
+    text = template.render(
+        messages=CONVERSATION, add_generation_prompt=True, bos_token="<s>", eos_token="</s>"
+    )
+    assert text == RENDERED[name]
