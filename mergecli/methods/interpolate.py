@@ -6,10 +6,11 @@ import math
 
 import torch
 
-from mergecli.methods.kernels.sums import exact_quantile, row_sums
+from mergecli.methods.kernels.sums import lower_quantile, row_sums
 from mergecli.methods.spec import BlockSums, MergeArgs, MethodSpec, ParamSpec
 
 PARALLEL = 0.9995
+FUSION_EPS = 1e-8
 
 
 def slerp(args: MergeArgs) -> torch.Tensor:
@@ -49,19 +50,19 @@ def nearswap(args: MergeArgs) -> torch.Tensor:
 
 
 def arcee_fusion(args: MergeArgs) -> torch.Tensor:
-    """Take C's change where importance = |C - A| * KL(softmax C || softmax A) (last dim)
-    reaches median + 1.5 IQR of all importances (exact quantiles)."""
+    """Take C's change where importance = |C - A| * KL(p || q) over the last dimension, with
+    p = softmax C + 1e-8 and q = softmax A + 1e-8 (mergekit's smoothing), reaches
+    median + 1.5 IQR of all importances; quantiles are lower order statistics of every
+    entry (mergekit samples a million entries of bigger tensors at random)."""
     assert args.base is not None
     a, c = args.base, args.tensors[0]
     if a.numel() == 0:
         return a.clone()  # no importance to rank
-    p = torch.softmax(c, dim=-1)
-    kl = (p * (torch.log_softmax(c, dim=-1) - torch.log_softmax(a, dim=-1))).sum(
-        dim=-1, keepdim=True
-    )
-    importance = (c - a).abs() * kl
-    median = exact_quantile(importance, 0.5)
-    iqr = exact_quantile(importance, 0.75) - exact_quantile(importance, 0.25)
+    p = torch.softmax(c, dim=-1) + FUSION_EPS
+    q = torch.softmax(a, dim=-1) + FUSION_EPS
+    importance = (c - a).abs() * (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
+    median = lower_quantile(importance, 0.5)
+    iqr = lower_quantile(importance, 0.75) - lower_quantile(importance, 0.25)
     return a + (c - a) * (importance >= median + 1.5 * iqr)
 
 

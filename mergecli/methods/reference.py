@@ -295,12 +295,15 @@ def _cosine(x: Tensor, y: Tensor, eps: float = 1e-8) -> float:
 
 
 def arcee_fusion(a: Tensor, c: Tensor) -> Tensor:
-    """Take C's change where importance |C - A| * KL(softmax C || softmax A) (over the last
-    dimension) reaches median + 1.5 IQR of all importances (linear-interpolated quantiles)."""
-    p = torch.softmax(c, dim=-1)
-    kl = (p * (torch.log(p) - torch.log_softmax(a, dim=-1))).sum(dim=-1, keepdim=True)
-    importance = (c - a).abs() * kl
-    q1, median, q3 = (float(torch.quantile(importance.reshape(-1), q)) for q in (0.25, 0.5, 0.75))
+    """Take C's change where importance |C - A| * KL(p || q) (over the last dimension,
+    p = softmax C + 1e-8, q = softmax A + 1e-8) reaches median + 1.5 IQR of all
+    importances; a quantile is the sorted values' entry at floor(q (n - 1))."""
+    p = torch.softmax(c, dim=-1) + 1e-8
+    q = torch.softmax(a, dim=-1) + 1e-8
+    importance = (c - a).abs() * (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
+    ordered = torch.sort(importance.reshape(-1)).values
+    at = [math.floor(f * (ordered.numel() - 1)) for f in (0.25, 0.5, 0.75)]
+    q1, median, q3 = (float(ordered[i]) for i in at)
     return a + (c - a) * (importance >= median + 1.5 * (q3 - q1))
 
 

@@ -46,13 +46,8 @@ def exact_total(parts: Sequence[torch.Tensor]) -> float:
     return math.fsum(torch.cat([p.reshape(-1) for p in parts]).tolist()) if parts else 0.0
 
 
-def exact_quantile(values: torch.Tensor, q: float) -> float:
-    """The q-quantile with linear interpolation (numpy's default), by selection, not sorting."""
+def lower_quantile(values: torch.Tensor, q: float) -> float:
+    """The q-quantile as the lower order statistic: the entry at index floor(q (n - 1)) of
+    the sorted values (mergekit's rule), by selection, not sorting."""
     flat = values.reshape(-1)
-    position = q * (flat.numel() - 1)
-    low = math.floor(position)
-    a = float(torch.kthvalue(flat, low + 1).values)
-    if position == low:
-        return a
-    b = float(torch.kthvalue(flat, low + 2).values)
-    return a + (position - low) * (b - a)
+    return float(torch.kthvalue(flat, math.floor(q * (flat.numel() - 1)) + 1).values)

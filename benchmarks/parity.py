@@ -1,0 +1,176 @@
+"""Run the same recipes through mergecli and mergekit 0.1.5 and compare every tensor.
+
+    python benchmarks/parity.py --mergekit /path/to/venv/bin/mergekit-yaml [--only ties ...]
+
+mergekit is never a dependency: install it in a virtual environment of its own
+(`python -m venv --system-site-packages V && V/bin/pip install mergekit==0.1.5`) and name
+its `mergekit-yaml`. The family is built here: four float32 Llamas (a base and three
+fine-tunes, dense task vectors) from a `transformers` config. Parity is defined as in
+issue #13: with float32 inputs and `dtype: float32` both tools compute in float32, and a
+tensor agrees when it is equal within float32 rounding (|a - b| <= 1e-5 |b| + 1e-6).
+Random methods (DARE, DELLA) draw differently by design: they are compared at density 1,
+where no entry is dropped. Prints one markdown row per recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+HERE = Path(__file__).resolve().parent
+
+
+def make_family(root: Path) -> dict[str, Path]:
+    """Base and three fine-tunes of a 4-layer float32 Llama (hidden 64), saved like the Hub."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).eval()
+    out = {"base": root / "base"}
+    base.save_pretrained(out["base"])
+    for i in (1, 2, 3):
+        model = LlamaForCausalLM(config).eval()
+        model.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(
+                    torch.randn_like(param) * 0.01 * i + torch.randn_like(param).sign() * 1e-3
+                )
+        out[f"ft{i}"] = root / f"ft{i}"
+        model.save_pretrained(out[f"ft{i}"])
+    return out
+
+
+def recipes(f: dict[str, Path]) -> dict[str, str]:
+    """Recipe text per case: every method and the recipe forms both tools share."""
+    base, a, b, c = f["base"], f["ft1"], f["ft2"], f["ft3"]
+    head = "dtype: float32\n"
+
+    def models(params: list[str]) -> str:
+        return "".join(
+            f"  - model: {m}\n    parameters: {{{p}}}\n" for m, p in zip((a, b, c), params)
+        )
+
+    three = models(
+        ["weight: 0.5, density: 0.5", "weight: 0.3, density: 0.7", "weight: 0.2, density: 0.3"]
+    )
+    dense = models(
+        ["weight: 0.5, density: 1.0", "weight: 0.3, density: 1.0", "weight: 0.2, density: 1.0"]
+    )
+    weights = models(["weight: 0.5", "weight: 0.3", "weight: 0.2"])
+    plain = "".join(f"  - model: {m}\n" for m in (a, b, c))
+    two = f"  - model: {a}\n  - model: {b}\n"
+    return {
+        "linear": f"merge_method: linear\n{head}models:\n{weights}",
+        "linear-normalize-false": f"merge_method: linear\n{head}parameters: {{normalize: false}}\nmodels:\n{weights}",
+        "linear-gradient": f"merge_method: linear\n{head}models:\n  - model: {a}\n    parameters: {{weight: [0.0, 0.5, 1.0]}}\n  - model: {b}\n    parameters: {{weight: [1.0, 0.5, 0.0]}}\n",
+        "linear-filters": f"merge_method: linear\n{head}models:\n  - model: {a}\n    parameters:\n      weight:\n        - filter: self_attn\n          value: 0.9\n        - value: 0.2\n  - model: {b}\n    parameters: {{weight: 0.5}}\n",
+        "task_arithmetic": f"merge_method: task_arithmetic\nbase_model: {base}\n{head}models:\n{weights}",
+        "task_arithmetic-lambda": f"merge_method: task_arithmetic\nbase_model: {base}\n{head}parameters: {{lambda: 0.7, normalize: true}}\nmodels:\n{weights}",
+        "ties": f"merge_method: ties\nbase_model: {base}\n{head}models:\n{three}",
+        "ties-normalize-false": f"merge_method: ties\nbase_model: {base}\n{head}parameters: {{normalize: false}}\nmodels:\n{three}",
+        "breadcrumbs": f"merge_method: breadcrumbs\nbase_model: {base}\n{head}parameters: {{gamma: 0.05}}\nmodels:\n{three}",
+        "breadcrumbs_ties": f"merge_method: breadcrumbs_ties\nbase_model: {base}\n{head}parameters: {{gamma: 0.05}}\nmodels:\n{three}",
+        "dare_linear-density1": f"merge_method: dare_linear\nbase_model: {base}\n{head}models:\n{dense}",
+        "dare_ties-density1": f"merge_method: dare_ties\nbase_model: {base}\n{head}models:\n{dense}",
+        "della-density1": f"merge_method: della\nbase_model: {base}\n{head}parameters: {{epsilon: 0.0}}\nmodels:\n{dense}",
+        "slerp": f"merge_method: slerp\nbase_model: {a}\n{head}parameters: {{t: 0.3}}\nmodels:\n{two}",
+        "slerp-gradient": f"merge_method: slerp\nbase_model: {a}\n{head}parameters: {{t: [0.0, 0.5, 1.0]}}\nmodels:\n{two}",
+        "nuslerp": f"merge_method: nuslerp\n{head}models:\n  - model: {a}\n    parameters: {{weight: 0.4}}\n  - model: {b}\n    parameters: {{weight: 0.6}}\n",
+        "multislerp": f"merge_method: multislerp\n{head}models:\n{weights}",
+        "karcher": f"merge_method: karcher\n{head}models:\n{plain}",
+        "model_stock": f"merge_method: model_stock\nbase_model: {base}\n{head}models:\n{plain}",
+        "sce": f"merge_method: sce\nbase_model: {base}\n{head}parameters: {{select_topk: 0.5}}\nmodels:\n{plain}",
+        "nearswap": f"merge_method: nearswap\nbase_model: {a}\n{head}parameters: {{t: 0.001}}\nmodels:\n{two}",
+        "arcee_fusion": f"merge_method: arcee_fusion\nbase_model: {a}\n{head}models:\n{two}",
+        "passthrough-slices": f"merge_method: passthrough\n{head}slices:\n  - sources:\n      - model: {a}\n        layer_range: [0, 2]\n  - sources:\n      - model: {b}\n        layer_range: [1, 4]\n",
+        "slices-linear": f"merge_method: linear\n{head}slices:\n  - sources:\n      - model: {a}\n        layer_range: [0, 2]\n        parameters: {{weight: 0.7}}\n      - model: {b}\n        layer_range: [0, 2]\n        parameters: {{weight: 0.3}}\n  - sources:\n      - model: {b}\n        layer_range: [2, 4]\n        parameters: {{weight: 1.0}}\n      - model: {c}\n        layer_range: [2, 4]\n        parameters: {{weight: 1.0}}\n",
+    }
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(shard))
+    return out
+
+
+def compare(
+    ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]
+) -> tuple[int, int, float, str]:
+    """(tensors agreeing, tensors compared, largest relative error, first disagreeing name)."""
+    names = sorted(set(ours) | set(theirs))
+    agree, worst, first = 0, 0.0, ""
+    for name in names:
+        if name not in ours or name not in theirs or ours[name].shape != theirs[name].shape:
+            first = first or f"{name} (missing or shape)"
+            continue
+        a, b = ours[name].double(), theirs[name].double()
+        error = float(((a - b).abs() / (b.abs() * 1e-5 + 1e-6)).max()) if a.numel() else 0.0
+        worst = max(worst, float(((a - b).abs() / (b.abs() + 1e-6)).max()) if a.numel() else 0.0)
+        if error <= 1:
+            agree += 1
+        else:
+            first = first or name
+    return agree, len(names), worst, first
+
+
+def main() -> None:
+    """Build the family, run every recipe through both tools, print the agreement table."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--mergekit", required=True, help="path of mergekit-yaml")
+    parser.add_argument("--only", nargs="*", default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        family = make_family(root / "family")
+        print(
+            "| recipe | tensors agreeing | largest relative difference | first differing |\n|---|---|---|---|"
+        )
+        total = agreeing = 0
+        for name, text in recipes(family).items():
+            if args.only and name not in args.only:
+                continue
+            recipe = root / f"{name}.yaml"
+            recipe.write_text(text)
+            ours, theirs = root / f"ours-{name}", root / f"theirs-{name}"
+            mine = subprocess.run(
+                [sys.executable, "-m", "mergecli", "run", str(recipe), "-o", str(ours), "--quiet"],
+                capture_output=True,
+                text=True,
+            )
+            kit = subprocess.run(
+                [args.mergekit, str(recipe), str(theirs)], capture_output=True, text=True
+            )
+            if mine.returncode or kit.returncode:
+                failed = "mergecli" if mine.returncode else "mergekit"
+                output = (mine.stderr if mine.returncode else kit.stderr).strip().splitlines()
+                print(f"| {name} | {failed} failed | - | {(output or [''])[-1][:80]} |", flush=True)
+                total += 1
+                continue
+            good, count, worst, first = compare(tensors(ours), tensors(theirs))
+            total += 1
+            agreeing += good == count
+            print(f"| {name} | {good}/{count} | {worst:.2e} | {first or '-'} |", flush=True)
+        print(f"\n{agreeing} of {total} recipes agree on every tensor")
+
+
+if __name__ == "__main__":
+    main()
