@@ -9,6 +9,7 @@ import torch
 from mergecli.engine.inputs import input_refs, load_checked, merge_args, work_dtype
 from mergecli.engine.numerics import cast_checked, check_finite
 from mergecli.engine.stats import BlockStats
+from mergecli.errors import NumericsError
 from mergecli.io.dtypes import CODE_TO_TORCH, math_dtype
 from mergecli.io.reader import TensorReader
 from mergecli.methods.facts import apply
@@ -61,7 +62,13 @@ def compute_tensor(
     )
     args = merge_args(plan, tensor, loaded, rows, stats.facts if stats else lambda _: None)
     base = args.base
-    result = apply(plan.method, args)
+    try:
+        result = apply(plan.method, args)
+    except ValueError as exc:  # a method's own refusal of these inputs
+        raise NumericsError(
+            f"`{plan.method.name}` cannot merge tensor `{tensor.name}`: {exc}",
+            hint="change the weights or the method",
+        ) from None
     if tensor.post_scale is not None and base is not None:
         result = base + tensor.post_scale * (result - base)
     masks = plan.method.masks(args) if with_masks and plan.method.masks and base is not None else []

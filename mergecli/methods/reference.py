@@ -358,12 +358,25 @@ def _log(mean: Tensor, unit: Tensor, eps: float) -> Tensor:
 def multislerp(
     tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float], eps: float
 ) -> Tensor:
-    """One step of the spherical barycentre of the (task) vectors, normalised weights."""
+    """Multi-SLERP as mergekit defines it (normalised weights): unit vectors, their weighted
+    mean m on the sphere, the weighted orthogonal projections onto m's tangent space, one
+    exponential-map step from m, scaled by the weighted mean norm."""
+    if len(tensors) == 1:
+        return tensors[0]
     total = sum(weights)
-    if abs(total) > 1e-12:
-        weights = [w / total for w in weights]
+    weights = [w / total for w in weights]
+    if all(float((t if base is None else t - base).norm()) < eps for t in tensors):
+        return tensors[0].clone() if base is None else base.clone()
     vectors = [(t if base is None else t - base).reshape(-1) for t in tensors]
-    out = spherical_mean(vectors, weights, 1, 0.0, eps).reshape(tensors[0].shape)
+    norms = [float(v.norm()) for v in vectors]
+    units = [v / (n + eps) for v, n in zip(vectors, norms)]
+    mean = _sum(w * u for w, u in zip(weights, units))
+    mean = mean / mean.norm()
+    tangent = _sum(w * (u - float((u * mean).sum()) * mean) for w, u in zip(weights, units))
+    length = float(tangent.norm()) + eps
+    point = math.cos(length) * mean + math.sin(length) / length * tangent
+    scale: float = sum(w * n for w, n in zip(weights, norms))
+    out: Tensor = (scale * point).reshape(tensors[0].shape)
     return out if base is None else out + base
 
 

@@ -87,16 +87,49 @@ def spherical_mean(
 
 
 def multislerp(args: MergeArgs) -> torch.Tensor:
-    """Barycentric interpolation of n tensors (task vectors with a base) on the hypersphere."""
+    """Barycentric interpolation of n tensors (task vectors with a base) on the hypersphere,
+    as mergekit defines it: unit vectors u_i = v_i / (|v_i| + eps), their weighted mean m
+    normalised, the tangent t = sum_i w_i (u_i - (u_i . m) m), the point
+    m cos|t|' + t sin|t|' / |t|' (|t|' = |t| + eps), times sum_i w_i |v_i|. Two inputs
+    whose unit mean vanishes are interpolated linearly."""
+    if len(args.tensors) == 1:
+        return args.tensors[0]
     weights = [float(p["weight"]) for p in args.per_model]
     if args.params["normalize_weights"]:
         total = sum(weights)
-        weights = [w / total for w in weights] if abs(total) > 1e-12 else weights
-    vectors = [(t - args.base if args.base is not None else t).reshape(-1) for t in args.tensors]
-    out = spherical_mean(vectors, weights, 1, 0.0, float(args.params["eps"])).reshape(
-        args.tensors[0].shape
+        weights = [w / total for w in weights] if total != 0 else weights
+    eps = float(args.params["eps"])
+    base = args.base
+    vectors = [(t - base if base is not None else t).reshape(-1) for t in args.tensors]
+    out = _tangent_mean(vectors, weights, eps).reshape(args.tensors[0].shape)
+    return out + base if base is not None else out
+
+
+def _tangent_mean(
+    vectors: Sequence[torch.Tensor], weights: Sequence[float], eps: float
+) -> torch.Tensor:
+    norms = [v.norm() for v in vectors]
+    if all(float(n) < eps for n in norms):
+        return torch.zeros_like(vectors[0])  # every task vector is zero (mergekit raises)
+    units = [v / (n + eps) for v, n in zip(vectors, norms)]
+    mean = sum((w * u for w, u in zip(weights, units)), torch.zeros_like(units[0]))
+    size = mean.norm()
+    if float(size) < eps:
+        if len(vectors) != 2:
+            raise ValueError(
+                "multislerp: the weighted unit vectors cancel (antipodal inputs with "
+                "balancing weights); use other weights"
+            )
+        return weights[0] * vectors[0] + weights[1] * vectors[1]
+    mean = mean / size
+    tangent = sum(
+        (w * (u - (u * mean).sum() * mean) for w, u in zip(weights, units)), torch.zeros_like(mean)
     )
-    return out + args.base if args.base is not None else out
+    length = tangent.norm() + eps
+    point = mean * torch.cos(length) + tangent * (torch.sin(length) / length)
+    scale = sum((w * n for w, n in zip(weights, norms)), torch.zeros((), dtype=mean.dtype))
+    result: torch.Tensor = point * scale
+    return result
 
 
 def karcher(args: MergeArgs) -> torch.Tensor:
