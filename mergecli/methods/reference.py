@@ -310,18 +310,26 @@ def arcee_fusion(a: Tensor, c: Tensor) -> Tensor:
 def nuslerp(
     tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float], axis: int | None
 ) -> Tensor:
-    """Slerp of two models (or task vectors) at t = w2 / (w1 + w2), over the whole tensor
-    (`axis` None) or for each slice along `axis`."""
-    t = 0.5 if abs(sum(weights)) < 1e-8 else weights[1] / sum(weights)
+    """NuSLERP (mergekit): slerp of two models (or task vectors) at t = w2 / (w1 + w2), over
+    the whole tensor (`axis` None) or for each slice along `axis`; linear only where the
+    vectors are colinear (1 - cos^2 <= 1e-16), norms clamped at 1e-7."""
+    t = 0.5 if abs(sum(weights)) < 1e-6 else weights[1] / sum(weights)
     x, y = tensors if base is None else (tensors[0] - base, tensors[1] - base)
     if axis is None:
-        out = slerp_flat(x, y, t)
+        out = _nu_slerp(x.reshape(-1), y.reshape(-1), t).reshape(x.shape)
     else:
-        out = torch.stack(
-            [slerp_flat(u, v, t) for u, v in zip(x.unbind(1 - axis), y.unbind(1 - axis))],
-            dim=1 - axis,
-        )
+        pairs = zip(x.unbind(1 - axis), y.unbind(1 - axis))
+        out = torch.stack([_nu_slerp(u, v, t) for u, v in pairs], dim=1 - axis)
     return out if base is None else out + base
+
+
+def _nu_slerp(a: Tensor, c: Tensor, t: float) -> Tensor:
+    cos = float((a / max(float(a.norm()), 1e-7) * (c / max(float(c.norm()), 1e-7))).sum())
+    cos = max(-1.0, min(1.0, cos))
+    if 1 - cos * cos <= 1e-16:
+        return (1 - t) * a + t * c
+    theta = math.acos(cos)
+    return (math.sin((1 - t) * theta) * a + math.sin(t * theta) * c) / math.sin(theta)
 
 
 def spherical_mean(

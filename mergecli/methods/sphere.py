@@ -7,29 +7,35 @@ from collections.abc import Sequence
 
 import torch
 
-from mergecli.methods.interpolate import PARALLEL
 from mergecli.methods.spec import MergeArgs, MethodSpec, ParamSpec
+
+COLINEAR = 1e-16  # 1 - cos^2 at or below this: interpolate linearly (mergekit's eps^2)
 
 
 def slerp_vectors(a: torch.Tensor, c: torch.Tensor, t: float, dim: int | None) -> torch.Tensor:
-    """Slerp of `a` towards `c` over the whole tensor (dim None) or along `dim`."""
+    """Slerp of `a` towards `c` over the whole tensor (dim None) or along `dim`, as
+    mergekit's nuslerp: norms clamped at 1e-7, linear only where 1 - cos^2 <= 1e-16."""
+    shape = a.shape
     if dim is None:
-        return slerp_vectors(a.reshape(1, -1), c.reshape(1, -1), t, 1).reshape(a.shape)
-    na, nc = a.norm(dim=dim, keepdim=True), c.norm(dim=dim, keepdim=True)
-    cos = (a * c).sum(dim=dim, keepdim=True) / (na * nc).clamp(min=1e-30)
-    theta = torch.acos(cos.clamp(-1, 1))
-    sin = torch.sin(theta)
-    linear = (cos.abs() > PARALLEL) | (na == 0) | (nc == 0)
-    safe = torch.where(linear, torch.ones_like(sin), sin)
-    s0 = torch.where(linear, torch.full_like(sin, 1 - t), torch.sin((1 - t) * theta) / safe)
-    s1 = torch.where(linear, torch.full_like(sin, t), torch.sin(t * theta) / safe)
-    return s0 * a + s1 * c
+        a, c = a.reshape(-1), c.reshape(-1)
+    elif dim != a.dim() - 1:
+        a, c = a.transpose(dim, -1), c.transpose(dim, -1)
+    au = a / a.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    cu = c / c.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (au * cu).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= COLINEAR
+    theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
+    curved = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * c) / torch.sin(theta)
+    out = torch.where(colinear, (1 - t) * a + t * c, curved)
+    if dim is not None and dim != len(shape) - 1:
+        out = out.transpose(dim, -1)
+    return out.reshape(shape)
 
 
 def nuslerp(args: MergeArgs) -> torch.Tensor:
     """Slerp between two models (task vectors with a base) at t = w_2 / (w_1 + w_2)."""
     w1, w2 = (float(p["weight"]) for p in args.per_model)
-    t = 0.5 if abs(w1 + w2) < 1e-8 else w2 / (w1 + w2)
+    t = 0.5 if abs(w1 + w2) < 1e-6 else w2 / (w1 + w2)
     x, y = args.tensors
     if args.base is not None:
         x, y = x - args.base, y - args.base
