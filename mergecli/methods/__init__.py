@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from mergecli.methods import interpolate, linear, mwa, passthrough, research, sphere, task_vectors
+from mergecli.methods import (
+    interpolate,
+    linear,
+    mwa,
+    passthrough,
+    ram,
+    research,
+    sphere,
+    task_vectors,
+)
 from mergecli.methods.facts import apply, whole_facts
 from mergecli.methods.spec import MergeArgs, MethodFn, MethodSpec, ParamSpec, TensorFacts
 
@@ -15,6 +24,7 @@ REGISTRY: dict[str, MethodSpec] = {
         *interpolate.SPECS,
         *sphere.SPECS,
         *research.SPECS,
+        *ram.SPECS,
         mwa.SPEC,
     )
 }

@@ -495,3 +495,26 @@ def mwa(tensors: Sequence[Tensor], metrics: Sequence[float], penalty: float) -> 
     """Metrics-weighted averaging: w_i = exp(-penalty m_i) / sum_j exp(-penalty m_j)."""
     raw = [math.exp(-penalty * m) for m in metrics]
     return linear(tensors, [r / sum(raw) for r in raw], False)
+
+
+def ram(
+    base: Tensor, tensors: Sequence[Tensor], epsilon: float, r: float = 0.0, alpha: float = 0.0
+) -> Tensor:
+    """RAM (arXiv 2601.13572): at each entry, the models whose task vector changed it by
+    more than epsilon; one such model: its change; several: their mean change. With r > 0
+    (RAM+, tensor-local) model i's unique changes are scaled by
+    1 + r * clamp(shared_i / max(unique_i, epsilon), 0, alpha)."""
+    deltas = [(t - base).reshape(-1) for t in tensors]
+    flat = torch.zeros_like(deltas[0])
+    active = [[abs(float(d[j])) > epsilon for d in deltas] for j in range(flat.numel())]
+    lam = []
+    for i in range(len(deltas)):
+        unique = sum(1 for a in active if a[i] and sum(a) == 1)
+        shared = sum(1 for a in active if a[i] and sum(a) > 1)
+        lam.append(1 + r * min(max(shared / max(unique, epsilon), 0.0), alpha))
+    for j, a in enumerate(active):
+        count = sum(a)
+        for i, d in enumerate(deltas):
+            if a[i]:
+                flat[j] += d[j] * lam[i] if count == 1 else d[j] / count
+    return base + flat.reshape(base.shape)

@@ -362,6 +362,14 @@ def test_mwa() -> None:
     close(call("mwa", models, None, per), ref.mwa(models, [1.2, 0.9, 1.0], 2.0))
 
 
+@pytest.mark.parametrize("epsilon", [1e-5, 0.02])
+def test_ram_and_ramplus(epsilon: float) -> None:
+    base, models = family(16)
+    close(call("ram", models, base, [{}] * 3, epsilon=epsilon), ref.ram(base, models, epsilon))
+    got = call("ramplus_tl", models, base, [{}] * 3, epsilon=epsilon, r=0.5, alpha=0.3)
+    close(got, ref.ram(base, models, epsilon, r=0.5, alpha=0.3))
+
+
 def test_every_method_is_tested_here() -> None:
     tested = {
         "linear",
@@ -387,5 +395,7 @@ def test_every_method_is_tested_here() -> None:
         "pcb",
         "widen",
         "mwa",
+        "ram",
+        "ramplus_tl",
     }
     assert tested == set(methods.names())
