@@ -44,3 +44,50 @@ DeviceOpt = Annotated[
     Device,
     typer.Option("--device", help="Where the math runs: cpu, cuda, or auto (cuda when available)."),
 ]
+
+
+# options of `mergecli run`
+OutOpt = Annotated[
+    Path, typer.Option("--out", "-o", help="Output folder (must not exist or be empty).")
+]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Validate and plan, write nothing.")]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite", help="Replace an existing output folder that is a mergecli output."
+    ),
+]
+OverwriteAnyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite-any",
+        help="Replace an existing output folder whatever it holds (deletes its files).",
+    ),
+]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Reuse shards finished by a killed run of the same recipe (in OUT.partial).",
+    ),
+]
+VerifyOpt = Annotated[
+    bool,
+    typer.Option("--verify", help="Hash every local input file into the manifest (slower)."),
+]
+ClampOverflowOpt = Annotated[
+    bool,
+    typer.Option(
+        "--clamp-overflow",
+        help="Clamp values beyond the output dtype's range (reported) instead of failing.",
+    ),
+]
+ReproducibleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--reproducible", help="Leave timings out of the manifest: byte-identical reruns."
+    ),
+]
+ProgressOpt = Annotated[
+    bool, typer.Option("--progress", help="Show progress even when stderr is not a terminal.")
+]

@@ -10,24 +10,31 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
 
 import torch
-import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
 from mergecli.cli._common import plan_recipe, size_option
 from mergecli.cli._console import STDERR
 from mergecli.cli._options import (
+    ClampOverflowOpt,
     Device,
     DeviceOpt,
+    DryRunOpt,
     JsonOpt,
     MaxMemoryOpt,
+    OutOpt,
+    OverwriteAnyOpt,
+    OverwriteOpt,
+    ProgressOpt,
     QuietOpt,
     RecipeArg,
+    ReproducibleOpt,
+    ResumeOpt,
     SeedOpt,
     ShardSizeOpt,
     ThreadsOpt,
+    VerifyOpt,
 )
 from mergecli.engine.device import resolve_device
 from mergecli.engine.memory import PIPELINE_JOBS, Budget, budget_for, predict_peak
@@ -50,59 +57,22 @@ Examples:
 
 def run(
     recipe: RecipeArg,
-    out: Annotated[
-        Path, typer.Option("--out", "-o", help="Output folder (must not exist or be empty).")
-    ],
+    out: OutOpt,
     shard_size: ShardSizeOpt = "5GB",
     seed: SeedOpt = None,
     threads: ThreadsOpt = None,
     max_memory: MaxMemoryOpt = None,
     device: DeviceOpt = Device.cpu,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Validate and plan, write nothing.")
-    ] = False,
-    overwrite: Annotated[
-        bool,
-        typer.Option(
-            "--overwrite", help="Replace an existing output folder that is a mergecli output."
-        ),
-    ] = False,
-    overwrite_any: Annotated[
-        bool,
-        typer.Option(
-            "--overwrite-any",
-            help="Replace an existing output folder whatever it holds (deletes its files).",
-        ),
-    ] = False,
+    dry_run: DryRunOpt = False,
+    overwrite: OverwriteOpt = False,
+    overwrite_any: OverwriteAnyOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
-    resume: Annotated[
-        bool,
-        typer.Option(
-            "--resume",
-            help="Reuse shards finished by a killed run of the same recipe (in OUT.partial).",
-        ),
-    ] = False,
-    verify: Annotated[
-        bool,
-        typer.Option("--verify", help="Hash every local input file into the manifest (slower)."),
-    ] = False,
-    clamp_overflow: Annotated[
-        bool,
-        typer.Option(
-            "--clamp-overflow",
-            help="Clamp values beyond the output dtype's range (reported) instead of failing.",
-        ),
-    ] = False,
-    reproducible: Annotated[
-        bool,
-        typer.Option(
-            "--reproducible", help="Leave timings out of the manifest: byte-identical reruns."
-        ),
-    ] = False,
-    progress: Annotated[
-        bool, typer.Option("--progress", help="Show progress even when stderr is not a terminal.")
-    ] = False,
+    resume: ResumeOpt = False,
+    verify: VerifyOpt = False,
+    clamp_overflow: ClampOverflowOpt = False,
+    reproducible: ReproducibleOpt = False,
+    progress: ProgressOpt = False,
 ) -> None:
     """Merge the models of RECIPE into the folder OUT."""
     signal.signal(signal.SIGTERM, _terminate)
