@@ -379,6 +379,7 @@ SPECS = (
                 maximum=1.0,
                 exclusive_minimum=True,
             ),
+            INT8_MASK,
         ),
         needs_base=True,
         paper="https://arxiv.org/abs/2408.07990",

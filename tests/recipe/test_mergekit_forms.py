@@ -123,3 +123,12 @@ def test_numeric_booleans(
     assert (code == 0) == ok, err
     if not ok:
         assert f"expected true or false, found {written}" in err
+
+
+def test_sce_accepts_int8_mask(family: dict[str, Path], tmp_path: Path, runner: CliRunner) -> None:
+    text = (
+        f"merge_method: sce\nbase_model: {family['base']}\nparameters: {{int8_mask: true}}\n"
+        f"models:\n  - model: {family['a']}\n  - model: {family['b']}\n"
+    )
+    code, _, err = invoke(runner, "validate", str(write(tmp_path / "r.yaml", text)))
+    assert code == 0, err
