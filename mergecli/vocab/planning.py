@@ -90,11 +90,23 @@ def plan_vocabulary(
         tokens, added = union(source_vocab, [(i, v) for i, v in others if v is not None])
         new = tuple(added)
     size = max(tokens.values(), default=-1) + 1
-    rows = padded(max(size, rows_of[src]), block.pad_to_multiple_of if block else None)
+    unpadded = max(size, rows_of[src])
+    rows = padded(unpadded, block.pad_to_multiple_of if block else None)
+    padding = (unpadded, size) if rows > unpadded else None
     maps = {i: row_map(tokens, rows, facts[i].vocab, rows_of[i]) for i in rows_of}
     overrides, forced, problems = _overrides(recipe, refs, models, tokens, facts)
     fill = src if mode == "base" else None
-    return VocabPlan(rows, tokens, maps, fill, overrides, forced, new), problems
+    plan = VocabPlan(
+        rows=rows,
+        tokens=tokens,
+        maps=maps,
+        fill=fill,
+        overrides=overrides,
+        forced=forced,
+        new_tokens=new,
+        padding=padding,
+    )
+    return plan, problems
 
 
 def _need_json(

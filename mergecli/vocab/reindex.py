@@ -95,6 +95,11 @@ def merge_rows(
             if not present[row]:
                 values[row] = _source_row(vocab, row, loaded, like)
                 present[row] = True
+    if vocab.padding is not None:
+        start, size = vocab.padding
+        for values, present in placed:
+            values[start:] = values[:size].mean(dim=0)
+            present[start:] = True
     codes = torch.zeros(vocab.rows, dtype=torch.int64)
     for bit, (_, present) in enumerate(placed):
         codes |= present.to(torch.int64) << bit

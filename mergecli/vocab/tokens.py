@@ -103,7 +103,9 @@ class VocabPlan:
     out of that row's merge, unless `fill` names a model whose row stands in (the base, for
     `tokenizer_source: base`). `overrides` give rows from the `tokenizer.tokens` block: out
     row -> (model or None for a zero row, that model's row); `forced` rows take the override
-    as the result, the others use it in place of missing rows.
+    as the result, the others use it in place of missing rows. `padding` = (first padding
+    row, token rows): rows added by `pad_to_multiple_of` take, in each model, the mean of
+    that model's token rows (as mergekit does, after Hewitt's vocabulary-expansion advice).
     """
 
     rows: int
@@ -113,6 +115,7 @@ class VocabPlan:
     overrides: Mapping[int, tuple[int | None, int]] = field(default_factory=dict)
     forced: frozenset[int] = frozenset()
     new_tokens: tuple[NewToken, ...] = ()
+    padding: tuple[int, int] | None = None
 
 
 def padded(rows: int, multiple: int | None) -> int:

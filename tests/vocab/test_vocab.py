@@ -229,11 +229,21 @@ def test_tokenizer_block_sources_force_and_padding(
     merged = state(out)[EMBED].double()
     assert merged.shape[0] == rows and rows > len(vu)
     assert json.loads((out / "config.json").read_text())["vocab_size"] == rows
-    assert torch.equal(merged[len(vu) :], torch.zeros(rows - len(vu), merged.shape[1]).double())
     assert torch.equal(merged[vu[shared]], torch.zeros(merged.shape[1]).double())
     rb = rows_by_token(b, EMBED)
-    assert (merged[vu["</s>"]] - rb["<s>"]).abs().max() < 1e-6
     ra = rows_by_token(a, EMBED)
+    # padding rows: in each model the mean of its token rows as placed (its own rows, a's
+    # `</s>` lent for the `<|tool|>` it lacks, zeros for the union's tokens it lacks), then
+    # merged like any row (as mergekit does)
+    zero = torch.zeros(merged.shape[1]).double()
+    lent = {"<|tool|>": ra["</s>"]}
+    means = [
+        sum((own[tok] if tok in own else lent.get(tok, zero) for tok in vu), zero) / len(vu)
+        for own in (ra, rb)
+    ]
+    padding = 0.5 * means[0] + 0.5 * means[1]
+    assert (merged[len(vu) :] - padding).abs().max() < 1e-6
+    assert (merged[vu["</s>"]] - rb["<s>"]).abs().max() < 1e-6
     # not forced: b keeps its own row; a lacks the token and lends its `</s>` row instead
     expected = 0.5 * ra["</s>"] + 0.5 * rb["<|tool|>"]
     assert "<|tool|>" not in ra and (merged[vu["<|tool|>"]] - expected).abs().max() < 1e-6
