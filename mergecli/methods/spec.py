@@ -186,3 +186,16 @@ class MethodSpec:
     def scoped(self, scope: Scope) -> tuple[ParamSpec, ...]:
         """The parameters of one scope."""
         return tuple(p for p in self.params if p.scope == scope)
+
+    def with_defaults(
+        self, params: Mapping[str, Any], per_model: Sequence[Mapping[str, Any]]
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Method-wide and per-model values with the defaults filled in, as a recipe's top
+        level would give them: a per-model parameter in `params` applies to every model
+        that does not set its own."""
+        scoped = {p.name for p in self.scoped("model")}
+        shared = {k: v for k, v in params.items() if k in scoped}
+        full = {p.name: p.default for p in self.scoped("global")}
+        full |= {k: v for k, v in params.items() if k not in scoped}
+        defaults = {p.name: p.default for p in self.scoped("model")}
+        return full, [defaults | shared | dict(m) for m in per_model]

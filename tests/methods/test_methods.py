@@ -30,14 +30,7 @@ def run(
     """Call a registered method with defaults filled in, on float64 tensors."""
     spec = methods.get(name)
     assert spec is not None
-    # a method-wide keyword sets the method's parameter; a per-model one (gamma, epsilon,
-    # scale) applies to every model unless it sets its own, as a recipe's top level does
-    scoped = {p.name for p in spec.scoped("model")}
-    shared = {k: v for k, v in params.items() if k in scoped}
-    full = {p.name: p.default for p in spec.scoped("global")} | {
-        k: v for k, v in params.items() if k not in scoped
-    }
-    models = [{p.name: p.default for p in spec.scoped("model")} | shared | m for m in per_model]
+    full, models = spec.with_defaults(params, per_model)
     args = MergeArgs(
         [torch.from_numpy(t) for t in tensors],
         None if base is None else torch.from_numpy(base),
