@@ -68,7 +68,11 @@ def run_plan(
     budget = budget or Budget()
     if block_elements is not None:
         budget = replace(budget, block_elements=block_elements)
-    roots = [m.source.root for m in plan.models if isinstance(m.source, LocalSource)]
+    roots = [  # a folder model's folder is protected; a single-file model's file is
+        m.source.root
+        for m in plan.models
+        if isinstance(m.source, LocalSource) and m.source.only is None
+    ]
     output.check_output(out, overwrite, roots, overwrite_any)
     owned = output.start(out, resume)
     try:

@@ -54,12 +54,19 @@ class ModelInfo:
 def load_model_info(source: ModelSource) -> ModelInfo:
     """Read config.json and the weight index/headers of `source` (no tensor data)."""
     files = set(source.files())
-    if "config.json" not in files:
+    safetensors = any(f.endswith(".safetensors") for f in files)
+    if "config.json" not in files and not safetensors:
         raise NotFoundError(
-            f"{source.label}: no config.json",
-            hint="point at a folder or repo of a transformers model",
+            f"{source.label}: no config.json and no .safetensors file",
+            hint="point at a folder or repo of a transformers model, or at .safetensors files",
         )
-    config = read_json_object(source.local("config.json"), source.label)
+    # without a config (a bare .safetensors file or folder of them) tensors are merged name
+    # for name; the output's config.json is then empty
+    config = (
+        read_json_object(source.local("config.json"), source.label)
+        if "config.json" in files
+        else {}
+    )
     if SAFE_INDEX in files:
         tensors = _from_safetensors_index(source)
         fmt: Literal["safetensors", "bin"] = "safetensors"

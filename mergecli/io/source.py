@@ -45,14 +45,17 @@ class ModelSource(Protocol):
 
 @dataclass
 class LocalSource:
-    """A model in a local folder."""
+    """A model in a local folder (or, with `only`, the one `.safetensors` file named)."""
 
     root: Path
     label: str
     commit: str | None = None
+    only: str | None = None
 
     def files(self) -> list[str]:
         """Files below the folder, as relative POSIX paths."""
+        if self.only is not None:
+            return [self.only]
         return sorted(
             p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()
         )
@@ -61,7 +64,7 @@ class LocalSource:
         """The file's path; NotFoundError when it is missing, CorruptFileError when the
         name or a link leads outside the model folder."""
         path = self.root / filename
-        if not path.is_file():
+        if not path.is_file() or (self.only is not None and filename != self.only):
             raise NotFoundError(f"{self.label}: file {filename} not found in {self.root}")
         inside(self.label, self.root, path, filename)
         return path
@@ -175,9 +178,12 @@ def inside(label: str, root: Path, path: Path, filename: str) -> None:
 
 
 def looks_local(path: str) -> bool:
-    """True for references that can only be paths (./x, ../x, /x, ~/x, Windows drives)."""
-    return path.startswith(("/", "./", "../", "~", ".\\")) or bool(
-        re.match(r"^[A-Za-z]:[\\/]", path)
+    """True for references that can only be paths (./x, ../x, /x, ~/x, Windows drives,
+    a `.safetensors` file)."""
+    return (
+        path.startswith(("/", "./", "../", "~", ".\\"))
+        or path.endswith(".safetensors")
+        or bool(re.match(r"^[A-Za-z]:[\\/]", path))
     )
 
 
@@ -190,6 +196,8 @@ def resolve_source(ref: ModelRef, recipe_dir: Path | None = None) -> ModelSource
     if recipe_dir is not None and not expanded.is_absolute():
         candidates.append(recipe_dir / expanded)
     for candidate in candidates:
+        if candidate.is_file() and candidate.suffix == ".safetensors" and not ref.revision:
+            return LocalSource(candidate.resolve().parent, label, only=candidate.name)
         if candidate.is_dir():
             if ref.revision:
                 raise NotFoundError(

@@ -37,7 +37,8 @@ def input_files(plan: MergePlan, hashed: bool = False) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"ref": str(ref), "commit": model.source.commit}
         if isinstance(model.source, LocalSource):
             entry["path"] = str(model.source.root)
-            files = sorted({t.file for t in model.tensors.values()} | {"config.json"})
+            listed = set(model.source.files())
+            files = sorted({t.file for t in model.tensors.values()} | ({"config.json"} & listed))
             stats = {name: (model.source.root / name).stat() for name in files}
             entry["files"] = {
                 n: {"size": s.st_size, "mtime_ns": s.st_mtime_ns} for n, s in stats.items()

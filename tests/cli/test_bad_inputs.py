@@ -108,13 +108,17 @@ def test_no_weights_and_no_config(
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.json").write_text("{}")
-    noconf = copy_model(family, "b", tmp_path / "noconf")
+    nothing = tmp_path / "nothing"
+    nothing.mkdir()
+    (nothing / "notes.txt").write_text("x")
+    noconf = copy_model(family, "b", tmp_path / "noconf")  # weights without a config: a model
     (noconf / "config.json").unlink()
-    code, _, err = invoke(
-        runner, "validate", str(write(tmp_path / "r.yaml", linear_of(empty, noconf)))
-    )
+    text = linear_of(empty, nothing, noconf)
+    code, _, err = invoke(runner, "validate", str(write(tmp_path / "r.yaml", text)))
     assert code == 3  # not found: the code run and plan give
-    assert f"{empty}: no weights found" in err and f"{noconf}: no config.json" in err
+    assert f"{empty}: no weights found" in err
+    assert f"{nothing}: no config.json and no .safetensors file" in err
+    assert str(noconf) not in err
 
 
 @pytest.mark.parametrize(
