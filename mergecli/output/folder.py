@@ -119,8 +119,14 @@ def start(out: Path, resume: bool = False) -> WorkFolder:
 def _own(work: Path) -> WorkFolder:
     fd = os.open(work / MARKER, os.O_RDWR | os.O_CREAT, 0o644)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    os.write(fd, f"mergecli work folder of process {os.getpid()}; safe to delete\n".encode())
+    _claim(fd)
     return WorkFolder(work, fd)
+
+
+def _claim(fd: int) -> None:
+    """Write this process into the (locked) marker, for a second run's refusal message."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"mergecli work folder of process {os.getpid()}; safe to delete\n".encode(), 0)
 
 
 def _take_stale(work: Path) -> WorkFolder:
@@ -142,8 +148,7 @@ def _take_stale(work: Path) -> WorkFolder:
             f"another run is writing this output: {work} is in use ({owner[:120]})",
             hint="wait for it to finish or stop it; two runs never share one output",
         ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"mergecli work folder of process {os.getpid()}; safe to delete\n".encode())
+    _claim(fd)
     return WorkFolder(work, fd)
 
 

@@ -15,8 +15,8 @@ from mergecli.io.jsonfile import read_json
 from mergecli.io.source import resolve_source
 from mergecli.methods.spec import MethodSpec
 from mergecli.model.layers import layer_counts, layer_rests, main_stack
-from mergecli.recipe.refs import recipe_place, referenced_models
-from mergecli.recipe.schema import ModelRef, Recipe, parse_model_ref
+from mergecli.recipe.refs import raw_model_places, recipe_place, referenced_models
+from mergecli.recipe.schema import ModelRef, Recipe
 from mergecli.vocab.planning import TokenizerFacts
 from mergecli.vocab.tokens import parse_tokenizer
 
@@ -146,9 +146,7 @@ def load_models(
     problems: list[Problem] = []
     for ref in refs:
         try:
-            model = resolve(ref)
-            refuse_quantized(model)
-            models.append((model, tokenizer_facts(model)))
+            models.append(read_model(resolve, ref))
         except MergecliError as exc:
             problems.append(
                 Problem(recipe_place(recipe, ref), exc.message, exc.hint, code=exc.exit_code)
@@ -184,6 +182,13 @@ def refuse_quantized(model: ModelInfo) -> None:
     )
 
 
+def read_model(resolve: Resolver, ref: ModelRef) -> tuple[ModelInfo, TokenizerFacts]:
+    """One model's info and tokenizer facts, refused when quantized or damaged."""
+    model = resolve(ref)
+    refuse_quantized(model)
+    return model, tokenizer_facts(model)
+
+
 def layer_section(config: dict[str, Any], stack: str) -> dict[str, Any]:
     """The config section describing `stack`: `text_config` of a multimodal model."""
     text = config.get("text_config")
@@ -203,32 +208,6 @@ def depth_of(model: ModelInfo, stack: str | None) -> int:
     return layer_counts(list(model.tensors)).get(stack or "", 0)
 
 
-def raw_model_places(data: Any) -> list[tuple[str, ModelRef]]:
-    """(recipe path, reference) of every model named in raw recipe data that did not pass
-    the schema, as far as the data can be read (so model problems are reported with the
-    recipe's own)."""
-    found: list[tuple[str, Any]] = []
-    if not isinstance(data, Mapping):
-        return []
-    found.append(("base_model", data.get("base_model")))
-    for i, model in enumerate(_dicts(data.get("models"))):
-        found.append((f"models[{i}].model", model.get("model")))
-    for i, out_slice in enumerate(_dicts(data.get("slices"))):
-        for j, source in enumerate(_dicts(out_slice.get("sources"))):
-            found.append((f"slices[{i}].sources[{j}].model", source.get("model")))
-    places = []
-    for where, raw in found:
-        try:
-            places.append((where, ModelRef.model_validate(parse_model_ref(raw))))
-        except (ValueError, TypeError):
-            continue
-    return places
-
-
-def _dicts(value: Any) -> list[Mapping[str, Any]]:
-    return [v for v in value if isinstance(v, Mapping)] if isinstance(value, list) else []
-
-
 def model_problems(data: Any, recipe_dir: Path | None) -> list[Problem]:
     """A problem for each model of raw recipe data that cannot be read (each model once)."""
     resolve = file_resolver(recipe_dir)
@@ -238,7 +217,7 @@ def model_problems(data: Any, recipe_dir: Path | None) -> list[Problem]:
             continue
         seen.add(ref)
         try:
-            tokenizer_facts(resolve(ref))
+            read_model(resolve, ref)
         except MergecliError as exc:
             problems.append(Problem(where, exc.message, exc.hint, code=exc.exit_code))
     return problems

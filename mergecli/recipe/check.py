@@ -11,7 +11,7 @@ from typing import Any
 from mergecli import methods
 from mergecli.errors import Problem
 from mergecli.methods.spec import MethodSpec
-from mergecli.recipe.refs import model_refs
+from mergecli.recipe.refs import dicts, model_refs
 from mergecli.recipe.schema import InputModel, InputSlice, ModelRef, OutputSlice, Recipe
 from mergecli.recipe.settings import leaf_values
 from mergecli.recipe.suggest import closest
@@ -85,10 +85,6 @@ def check_raw(data: Mapping[str, Any]) -> list[Problem]:
     return list(_check_parameter_blocks(_parameter_blocks(data), spec))
 
 
-def _dicts(value: Any) -> list[Mapping[str, Any]]:
-    return [x for x in value if isinstance(x, Mapping)] if isinstance(value, list) else []
-
-
 def _parameter_blocks(data: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any], bool]]:
     """(path, parameters, may hold method-wide parameters) for every block in raw data."""
 
@@ -97,11 +93,11 @@ def _parameter_blocks(data: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[st
         return params if isinstance(params, Mapping) else {}
 
     yield "parameters", block(data), True
-    for i, model in enumerate(_dicts(data.get("models"))):
+    for i, model in enumerate(dicts(data.get("models"))):
         yield f"models[{i}].parameters", block(model), False
-    for i, out_slice in enumerate(_dicts(data.get("slices"))):
+    for i, out_slice in enumerate(dicts(data.get("slices"))):
         yield f"slices[{i}].parameters", block(out_slice), True
-        for j, source in enumerate(_dicts(out_slice.get("sources"))):
+        for j, source in enumerate(dicts(out_slice.get("sources"))):
             yield f"slices[{i}].sources[{j}].parameters", block(source), False
 
 

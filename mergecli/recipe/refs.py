@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
-from mergecli.recipe.schema import ModelRef, ModelTokenSource, Recipe
+from mergecli.recipe.schema import ModelRef, ModelTokenSource, Recipe, parse_model_ref
 
 
 def model_refs(recipe: Recipe) -> Iterator[tuple[str, ModelRef]]:
@@ -46,3 +47,30 @@ def referenced_models(recipe: Recipe) -> list[ModelRef]:
 def recipe_place(recipe: Recipe, ref: ModelRef) -> str:
     """Where in the recipe `ref` is first named."""
     return next(where for where, found in model_refs(recipe) if found == ref)
+
+
+def raw_model_places(data: Any) -> list[tuple[str, ModelRef]]:
+    """(recipe path, reference) of every model named in raw recipe data that did not pass
+    the schema, as far as the data can be read (so model problems are reported with the
+    recipe's own)."""
+    found: list[tuple[str, Any]] = []
+    if not isinstance(data, Mapping):
+        return []
+    found.append(("base_model", data.get("base_model")))
+    for i, model in enumerate(dicts(data.get("models"))):
+        found.append((f"models[{i}].model", model.get("model")))
+    for i, out_slice in enumerate(dicts(data.get("slices"))):
+        for j, source in enumerate(dicts(out_slice.get("sources"))):
+            found.append((f"slices[{i}].sources[{j}].model", source.get("model")))
+    places = []
+    for where, raw in found:
+        try:
+            places.append((where, ModelRef.model_validate(parse_model_ref(raw))))
+        except (ValueError, TypeError):
+            continue
+    return places
+
+
+def dicts(value: Any) -> list[Mapping[str, Any]]:
+    """The mappings of a raw list (nothing for anything else)."""
+    return [v for v in value if isinstance(v, Mapping)] if isinstance(value, list) else []
