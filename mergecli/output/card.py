@@ -9,6 +9,7 @@ import yaml
 
 from mergecli.io.source import HubSource
 from mergecli.plan.types import MergePlan
+from mergecli.recipe.parts import parts
 from mergecli.recipe.settings import to_plain
 
 
@@ -102,8 +103,10 @@ def _models_table(plan: MergePlan) -> list[str]:
 
 def _model_params(plan: MergePlan) -> dict[str, str]:
     out: dict[str, str] = {}
-    entries: Sequence[Any] = plan.recipe.models or [
-        s for sl in plan.recipe.slices or [] for s in sl.sources
+    entries: Sequence[Any] = [
+        entry
+        for part in parts(plan.recipe)
+        for entry in [*(part.models or []), *(s for sl in part.slices or [] for s in sl.sources)]
     ]
     for entry in entries:
         if entry.parameters:

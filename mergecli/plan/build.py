@@ -11,7 +11,12 @@ from pathlib import Path
 
 from mergecli.errors import Problem, RecipeError
 from mergecli.model.tying import find_tying
-from mergecli.plan.checks import check_architectures, check_same_tensors, check_save_masks
+from mergecli.plan.checks import (
+    check_architectures,
+    check_modules,
+    check_same_tensors,
+    check_save_masks,
+)
 from mergecli.plan.config import output_config
 from mergecli.plan.context import Context, Findings
 from mergecli.plan.groups import Group, plan_groups, used_models
@@ -79,7 +84,7 @@ def settle(inputs: Inputs) -> tuple[Context, str | None, list[Problem]]:
             inputs.recipe.chat_template, inputs.refs, inputs.models, used
         )
         problems += [problem] if problem else []
-    problems += check_architectures(inputs, groups)
+    problems += check_architectures(inputs, groups) + check_modules(inputs)
     prepared, prepare_problems = prepare_params(inputs, groups)
     problems += prepare_problems
     if inputs.recipe.models:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mergecli.errors import Problem
+from mergecli.model.modules import module_names, module_of
 from mergecli.model.tying import Tying
 from mergecli.plan.groups import Group
 from mergecli.plan.inputs import Inputs
@@ -66,3 +67,48 @@ def check_save_masks(inputs: Inputs, vocab: VocabPlan | None) -> list[Problem]:
             "merge models with one vocabulary, or drop save_masks",
         )
     ]
+
+
+def check_modules(inputs: Inputs) -> list[Problem]:
+    """A `modules:` recipe names modules the template model has, covers every one of them
+    (a module left out would be missing from the output), and slices only the module that
+    holds the main layer stack."""
+    modules = inputs.recipe.modules
+    if not modules:
+        return []
+    template = inputs.models[inputs.template]
+    names = list(template.tensors)
+    found = module_names(names)
+    main = module_of(f"{inputs.stack}.0.x", found) if inputs.stack else None
+    problems = [
+        Problem(
+            f"modules.{name}",
+            f"{template.label} has no module `{name}`",
+            f"its modules are {', '.join(f'`{m}`' for m in found)}",
+        )
+        for name in modules
+        if name not in found
+    ]
+    for module in found:
+        if module in modules:
+            continue
+        members = [n for n in names if module_of(n, found) == module]
+        problems.append(
+            Problem(
+                "modules",
+                f"module `{module}` of {template.label} ({len(members)} tensors, e.g. "
+                f"`{members[0]}`) is in no entry of `modules:`, so the output would lack it",
+                f"add `{module}: {{models: [{{model: ...}}]}}` to `modules:`",
+            )
+        )
+    problems += [
+        Problem(
+            f"modules.{name}.slices",
+            f"module `{name}` does not hold the main layer stack (`{inputs.stack}`); only "
+            f"`{main}` can be sliced",
+            "use `models:` in this module",
+        )
+        for name, module in modules.items()
+        if module.slices and name != main and name in found
+    ]
+    return problems

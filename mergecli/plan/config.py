@@ -13,6 +13,7 @@ from mergecli.plan.context import Context
 from mergecli.plan.inputs import LAYER_COUNT_KEYS, layer_section
 from mergecli.plan.types import TensorPlan
 from mergecli.plan.walk import LayerSource
+from mergecli.recipe.parts import parts
 
 DECODER_COUNT_KEYS = ("num_decoder_layers", "decoder_layers")
 
@@ -29,7 +30,7 @@ def output_config(
         dtype_name = CODE_TO_NAME[max(set(float_codes), key=float_codes.count)]
         for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
             config[key] = dtype_name
-    if inputs.recipe.slices:
+    if any(part.slices for part in parts(inputs.recipe)):
         notes += _update_layer_fields(ctx, config, layers)
     if ctx.vocab is not None:
         section = layer_section(config, inputs.stack or "")

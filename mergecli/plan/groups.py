@@ -1,4 +1,5 @@
-"""Output groups: the `models:` form is one group over every layer, each slice is one."""
+"""Output groups: the `models:` form is one group over every layer, each slice is one;
+in the `modules:` form each module has its own."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass
 
 from mergecli.errors import Problem
 from mergecli.plan.inputs import Inputs, depth_of
+from mergecli.recipe.parts import Part, parts
 from mergecli.recipe.schema import InputSlice
 from mergecli.recipe.settings import Parameters
 
@@ -22,33 +24,50 @@ class Source:
 
 @dataclass(frozen=True)
 class Group:
-    """An output slice (the models form is one group covering every layer)."""
+    """An output slice (the models form is one group covering every layer); `module` is the
+    module of `modules:` it belongs to (None: the whole model) with that module's
+    `parameters:` in `module_params`."""
 
     sources: tuple[Source, ...]
     length: int
     params: Parameters | None
     base: int | None
     where: str
+    module: str | None = None
+    module_params: Parameters | None = None
 
 
 def plan_groups(inputs: Inputs) -> tuple[list[Group], list[Problem]]:
     """The output's groups, and every layer range that is out of bounds."""
-    recipe = inputs.recipe
-    if recipe.models:
+    groups: list[Group] = []
+    problems: list[Problem] = []
+    for part in parts(inputs.recipe):
+        part_groups, part_problems = _part_groups(inputs, part)
+        groups += part_groups
+        problems += part_problems
+    return groups, problems
+
+
+def _part_groups(inputs: Inputs, part: Part) -> tuple[list[Group], list[Problem]]:
+    recipe, at = inputs.recipe, part.prefix
+    if part.models:
         sources = [
-            Source(model=inputs.index(m.model), start=0, params=m.parameters, where=f"models[{i}]")
-            for i, m in enumerate(recipe.models)
+            Source(inputs.index(m.model), 0, m.parameters, f"{at}models[{i}]")
+            for i, m in enumerate(part.models)
         ]
         base = inputs.index(recipe.base_model) if recipe.base_model else None
         group = Group(
-            sources=tuple(sources), length=inputs.depth, params=None, base=base, where="models"
+            tuple(sources), inputs.depth, None, base, f"{at}models", part.module, part.params
         )
         return [group], []
     groups, problems = [], []
-    for i, out_slice in enumerate(recipe.slices or []):
+    for i, out_slice in enumerate(part.slices or []):
         sources = [
             Source(
-                inputs.index(s.model), s.layer_range[0], s.parameters, f"slices[{i}].sources[{j}]"
+                inputs.index(s.model),
+                s.layer_range[0],
+                s.parameters,
+                f"{at}slices[{i}].sources[{j}]",
             )
             for j, s in enumerate(out_slice.sources)
         ]
@@ -60,14 +79,19 @@ def plan_groups(inputs: Inputs) -> tuple[list[Group], list[Problem]]:
                 length=first[1] - first[0],
                 params=out_slice.parameters,
                 base=inputs.index(base_ref) if base_ref else None,
-                where=f"slices[{i}]",
+                where=f"{at}slices[{i}]",
+                module=part.module,
+                module_params=part.params,
             )
         )
-        problems += [_out_of_bounds(inputs, i, j, s) for j, s in enumerate(out_slice.sources)]
+        problems += [
+            _out_of_bounds(inputs, f"{at}slices[{i}].sources[{j}]", s)
+            for j, s in enumerate(out_slice.sources)
+        ]
     return groups, [p for p in problems if p is not None]
 
 
-def _out_of_bounds(inputs: Inputs, i: int, j: int, source: InputSlice) -> Problem | None:
+def _out_of_bounds(inputs: Inputs, where: str, source: InputSlice) -> Problem | None:
     index = inputs.index(source.model)
     model = inputs.models[index]
     depth = depth_of(model, inputs.main_stacks[index])
@@ -75,7 +99,7 @@ def _out_of_bounds(inputs: Inputs, i: int, j: int, source: InputSlice) -> Proble
     if end <= depth:
         return None
     return Problem(
-        f"slices[{i}].sources[{j}].layer_range",
+        f"{where}.layer_range",
         f"layer_range [{start}, {end}] is out of bounds: {model.label} has "
         f"{depth} layers (0..{depth - 1})",
         f"the end is exclusive; the whole model is [0, {depth}]",

@@ -15,6 +15,7 @@ from mergecli.io.jsonfile import read_json
 from mergecli.io.source import resolve_source
 from mergecli.methods.spec import MethodSpec
 from mergecli.model.layers import layer_counts, layer_rests, main_stack
+from mergecli.recipe.parts import first_model, parts
 from mergecli.recipe.refs import raw_model_places, recipe_place, referenced_models
 from mergecli.recipe.schema import ModelRef, Recipe
 from mergecli.vocab.planning import TokenizerFacts
@@ -83,7 +84,7 @@ def read_inputs(recipe: Recipe, resolve: Resolver) -> Inputs:
         refs=refs,
         models=models,
         facts=tuple(facts for _, facts in loaded),
-        template=refs.index(template_ref(recipe, refs)),
+        template=refs.index(template_ref(recipe)),
         main_stacks=stacks,
         layers=layers,
     )
@@ -110,13 +111,11 @@ def _gap(
     )
 
 
-def template_ref(recipe: Recipe, refs: tuple[ModelRef, ...]) -> ModelRef:
+def template_ref(recipe: Recipe) -> ModelRef:
     """The model whose layout and config the output takes: the base, else the first."""
     if recipe.base_model is not None:
         return recipe.base_model
-    if recipe.models:
-        return recipe.models[0].model
-    return recipe.slices[0].sources[0].model if recipe.slices else refs[0]
+    return first_model(parts(recipe)[0])
 
 
 def tokenizer_facts(model: ModelInfo) -> TokenizerFacts:

@@ -77,7 +77,9 @@ def resolve_params(
     params: dict[str, Any] = {}
     ok = True
     for param in spec.scoped("global"):
-        value = _value(param.name, param.default, out_name, t, [group.params, top])
+        value = _value(
+            param.name, param.default, out_name, t, [group.params, group.module_params, top]
+        )
         if value is None and param.required:
             ok = False
             found.problems.append(unresolved(param.name, out_name, "parameters"))
@@ -113,7 +115,7 @@ def _model_values(
 ) -> tuple[dict[str, Any], bool]:
     prepared: Mapping[str, Any] = ctx.prepared.get(source.model, {})
     values: dict[str, Any] = dict(prepared)
-    blocks = [source.params, group.params, ctx.inputs.recipe.parameters]
+    blocks = [source.params, group.params, group.module_params, ctx.inputs.recipe.parameters]
     complete = True
     for param in ctx.inputs.spec.scoped("model"):
         if param.name in values:

@@ -4,6 +4,7 @@ renumbered), after the layers, then the layers of other stacks name for name."""
 from __future__ import annotations
 
 from mergecli.model.layers import is_pre_layer, layer_counts, split_layer
+from mergecli.model.modules import module_names, module_of
 from mergecli.plan.context import Context, Findings
 from mergecli.plan.groups import Group
 from mergecli.plan.tensors import plan_tensor
@@ -13,31 +14,58 @@ LayerSource = tuple[int, int]  # (model, layer index) an output layer is made fr
 
 
 def plan_all(ctx: Context, found: Findings) -> tuple[list[TensorPlan], list[LayerSource]]:
-    """Every output tensor's plan, and where each output layer of the main stack comes from."""
-    inputs, tying, groups = ctx.inputs, ctx.tying, ctx.groups
-    template = inputs.models[inputs.template]
-    outside = [n for n in template.tensors if split_layer(n) is None]
+    """Every output tensor's plan, and where each output layer of the main stack comes from:
+    the whole model at once, or module by module in the order of `modules:`."""
+    names = list(ctx.inputs.models[ctx.inputs.template].tensors)
+    modules = ctx.inputs.recipe.modules
+    if not modules:
+        return _plan_part(ctx, found, names, ctx.groups, main=True)
+    found_modules = module_names(names)
+    stack = ctx.inputs.stack
+    main = module_of(f"{stack}.0.x", found_modules) if stack else None
+    out: list[TensorPlan] = []
+    sources: list[LayerSource] = []
+    for module in modules:
+        part = [n for n in names if module_of(n, found_modules) == module]
+        groups = tuple(g for g in ctx.groups if g.module == module)
+        planned, layer_sources = _plan_part(ctx, found, part, groups, main=module == main)
+        out += planned
+        sources += layer_sources
+    return out, sources
+
+
+def _plan_part(
+    ctx: Context, found: Findings, names: list[str], groups: tuple[Group, ...], main: bool
+) -> tuple[list[TensorPlan], list[LayerSource]]:
+    """The tensors `names` of the template: before the layers, the main stack group by group
+    (only when `main`: this part holds it), after the layers, then other stacks' layers."""
+    tying = ctx.tying
+    template = ctx.inputs.models[ctx.inputs.template]
+    outside = [n for n in names if split_layer(n) is None]
     pre = [n for n in outside if is_pre_layer(n)]
     post = [n for n in outside if not is_pre_layer(n)]
     post = [n for n in post if n not in tying.heads or not tying.out_tied]
-    if not tying.out_tied:
+    if main and not tying.out_tied:
         post += [h for h in tying.heads if h not in template.tensors]
     first, last = groups[0], groups[-1]
     out: list[TensorPlan] = []
     for name in pre:
         out += plan_tensor(ctx, found, name, first, [name] * len(first.sources), "pre", None, 0.0)
-    layers, sources = _plan_layers(ctx, found)
+    layers, sources = _plan_layers(ctx, found, groups) if main else ([], [])
     out += layers
     for name in post:
         out += plan_tensor(ctx, found, name, last, [name] * len(last.sources), "post", None, 0.0)
-    out += _plan_other_stacks(ctx, found, first)
+    stack = ctx.inputs.stack if main else None
+    out += _plan_other_stacks(ctx, found, first, names, stack)
     return out, sources
 
 
-def _plan_layers(ctx: Context, found: Findings) -> tuple[list[TensorPlan], list[LayerSource]]:
+def _plan_layers(
+    ctx: Context, found: Findings, groups: tuple[Group, ...]
+) -> tuple[list[TensorPlan], list[LayerSource]]:
     out: list[TensorPlan] = []
     sources: list[LayerSource] = []
-    for group in ctx.groups:
+    for group in groups:
         for k in range(group.length):
             out += _plan_layer(ctx, found, group, k, len(sources))
             sources.append((group.sources[0].model, group.sources[0].start + k))
@@ -59,15 +87,17 @@ def _plan_layer(
     return out
 
 
-def _plan_other_stacks(ctx: Context, found: Findings, group: Group) -> list[TensorPlan]:
-    """Layer tensors of secondary stacks (a T5 encoder, a vision tower): merged name for
-    name over the sources of the first group; slices only reshape the main stack."""
+def _plan_other_stacks(
+    ctx: Context, found: Findings, group: Group, names: list[str], main_stack: str | None
+) -> list[TensorPlan]:
+    """Layer tensors of `names` outside `main_stack` (a T5 encoder, a vision tower): merged
+    name for name over the sources of the first group; slices only reshape the main stack."""
     template = ctx.inputs.models[ctx.inputs.template]
     counts = layer_counts(list(template.tensors))
     out: list[TensorPlan] = []
-    for name in template.tensors:
+    for name in names:
         split = split_layer(name)
-        if split is None or split.stack == ctx.inputs.stack:
+        if split is None or split.stack == main_stack:
             continue
         depth = counts[split.stack]
         t = split.index / (depth - 1) if depth > 1 else 1.0

@@ -6,14 +6,16 @@ Each check returns `Problem`s (never raises) so that every mistake is reported a
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from mergecli import methods
 from mergecli.errors import Problem
 from mergecli.methods.spec import MethodSpec
-from mergecli.recipe.refs import dicts, model_refs
+from mergecli.recipe.parts import parts
+from mergecli.recipe.refs import dicts, model_refs, raw_parts
 from mergecli.recipe.schema import InputModel, InputSlice, ModelRef, OutputSlice, Recipe
-from mergecli.recipe.settings import leaf_values
+from mergecli.recipe.settings import Parameters, leaf_values
 from mergecli.recipe.suggest import closest
 
 
@@ -48,12 +50,6 @@ def _unknown_method(name: str) -> Problem:
 
 
 def _check_unsupported(recipe: Recipe) -> Iterator[Problem]:
-    if recipe.modules:
-        yield Problem(
-            "modules",
-            "the multi-module form (`modules:`) is not supported yet",
-            "merge each module with its own recipe using `models:` or `slices:`",
-        )
     for where, ref in model_refs(recipe):
         if ref.adapter:
             yield Problem(
@@ -62,13 +58,14 @@ def _check_unsupported(recipe: Recipe) -> Iterator[Problem]:
                 "merge the adapter into its model first (PEFT `merge_and_unload`) and "
                 "reference the merged folder",
             )
-    for i, out_slice in enumerate(recipe.slices or []):
-        if out_slice.residual_weight is not None:
-            yield Problem(
-                f"slices[{i}].residual_weight",
-                "`residual_weight` is not supported yet",
-                "remove it",
-            )
+    for part in parts(recipe):
+        for i, out_slice in enumerate(part.slices or []):
+            if out_slice.residual_weight is not None:
+                yield Problem(
+                    f"{part.prefix}slices[{i}].residual_weight",
+                    "`residual_weight` is not supported yet",
+                    "remove it",
+                )
 
 
 def check_raw(data: Mapping[str, Any]) -> list[Problem]:
@@ -93,12 +90,15 @@ def _parameter_blocks(data: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[st
         return params if isinstance(params, Mapping) else {}
 
     yield "parameters", block(data), True
-    for i, model in enumerate(dicts(data.get("models"))):
-        yield f"models[{i}].parameters", block(model), False
-    for i, out_slice in enumerate(dicts(data.get("slices"))):
-        yield f"slices[{i}].parameters", block(out_slice), True
-        for j, source in enumerate(dicts(out_slice.get("sources"))):
-            yield f"slices[{i}].sources[{j}].parameters", block(source), False
+    for at, part in raw_parts(data):
+        if at:
+            yield f"{at}parameters", block(part), True
+        for i, model in enumerate(dicts(part.get("models"))):
+            yield f"{at}models[{i}].parameters", block(model), False
+        for i, out_slice in enumerate(dicts(part.get("slices"))):
+            yield f"{at}slices[{i}].parameters", block(out_slice), True
+            for j, source in enumerate(dicts(out_slice.get("sources"))):
+                yield f"{at}slices[{i}].sources[{j}].parameters", block(source), False
 
 
 def _check_parameter_blocks(
@@ -133,23 +133,28 @@ def _check_parameter_blocks(
                     break
 
 
-def _inputs(recipe: Recipe) -> list[tuple[str, list[tuple[str, InputModel | InputSlice]]]]:
-    """Per output group (whole model or slice): its path and inputs with their paths."""
-    if recipe.models:
-        return [("models", [(f"models[{i}]", m) for i, m in enumerate(recipe.models)])]
-    return [
-        (
-            f"slices[{i}].sources",
-            [(f"slices[{i}].sources[{j}]", s) for j, s in enumerate(sl.sources)],
-        )
-        for i, sl in enumerate(recipe.slices or [])
-    ]
+@dataclass(frozen=True)
+class _InputGroup:
+    """One output group as the checks see it: its path, inputs, base and the parameter
+    blocks above its models (slice, module)."""
+
+    where: str
+    inputs: Sequence[tuple[str, InputModel | InputSlice]]
+    base: ModelRef | None
+    blocks: Sequence[Parameters | None]
 
 
-def _slice_base(recipe: Recipe, group: int) -> ModelRef | None:
-    if recipe.slices and recipe.slices[group].base_model:
-        return recipe.slices[group].base_model
-    return recipe.base_model
+def _input_groups(recipe: Recipe) -> Iterator[_InputGroup]:
+    for part in parts(recipe):
+        at = part.prefix
+        if part.models:
+            models = [(f"{at}models[{i}]", m) for i, m in enumerate(part.models)]
+            yield _InputGroup(f"{at}models", models, recipe.base_model, [part.params])
+        for i, sl in enumerate(part.slices or []):
+            sources = [(f"{at}slices[{i}].sources[{j}]", s) for j, s in enumerate(sl.sources)]
+            base = sl.base_model or recipe.base_model
+            blocks = [sl.parameters, part.params]
+            yield _InputGroup(f"{at}slices[{i}].sources", sources, base, blocks)
 
 
 def _has_value(name: str, blocks: Sequence[Mapping[str, Any] | None]) -> bool:
@@ -157,23 +162,22 @@ def _has_value(name: str, blocks: Sequence[Mapping[str, Any] | None]) -> bool:
 
 
 def _check_inputs(recipe: Recipe, spec: MethodSpec) -> Iterator[Problem]:
-    for g, (group_path, inputs) in enumerate(_inputs(recipe)):
-        base = _slice_base(recipe, g)
+    for group in _input_groups(recipe):
+        base = group.base
         if spec.needs_base and base is None:
             yield Problem(
                 "base_model",
                 f"method `{spec.name}` needs a `base_model` (task vectors are taken against it)",
                 "add `base_model: <the model the others were fine-tuned from>`",
             )
-        others = [(p, m) for p, m in inputs if not (spec.uses_base and m.model == base)]
+        others = [(p, m) for p, m in group.inputs if not (spec.uses_base and m.model == base)]
         count = len(others)
         if count < spec.min_models or (spec.max_models is not None and count > spec.max_models):
-            yield Problem(group_path, _count_message(spec, count), _count_hint(spec))
-        slice_params = recipe.slices[g].parameters if recipe.slices else None
+            yield Problem(group.where, _count_message(spec, count), _count_hint(spec))
+        above = [*group.blocks, recipe.parameters]
         for path, model in others:
             for param in spec.scoped("model"):
-                blocks = [model.parameters, slice_params, recipe.parameters]
-                if param.required and not _has_value(param.name, blocks):
+                if param.required and not _has_value(param.name, [model.parameters, *above]):
                     yield Problem(
                         f"{path}.parameters",
                         f"missing required parameter `{param.name}` for model `{model.model}`",
@@ -181,7 +185,7 @@ def _check_inputs(recipe: Recipe, spec: MethodSpec) -> Iterator[Problem]:
                         "top-level `parameters:`",
                     )
         for param in spec.scoped("global"):
-            if param.required and not _has_value(param.name, [slice_params, recipe.parameters]):
+            if param.required and not _has_value(param.name, above):
                 yield Problem(
                     "parameters",
                     f"missing required parameter `{param.name}` for method `{spec.name}`",
@@ -205,15 +209,16 @@ def _count_hint(spec: MethodSpec) -> str:
 
 
 def _check_slices(recipe: Recipe) -> Iterator[Problem]:
-    for i, out_slice in enumerate(recipe.slices or []):
-        yield from _check_slice(i, out_slice)
+    for part in parts(recipe):
+        for i, out_slice in enumerate(part.slices or []):
+            yield from _check_slice(f"{part.prefix}slices[{i}]", out_slice)
 
 
-def _check_slice(i: int, out_slice: OutputSlice) -> Iterator[Problem]:
+def _check_slice(at: str, out_slice: OutputSlice) -> Iterator[Problem]:
     lengths = []
     for j, source in enumerate(out_slice.sources):
         start, end = source.layer_range
-        path = f"slices[{i}].sources[{j}].layer_range"
+        path = f"{at}.sources[{j}].layer_range"
         if start < 0:
             yield Problem(
                 path, f"layer_range [{start}, {end}] starts below 0", "layers count from 0"
@@ -230,7 +235,7 @@ def _check_slice(i: int, out_slice: OutputSlice) -> Iterator[Problem]:
         for j, n, rng in lengths[1:]:
             if n != n0:
                 yield Problem(
-                    f"slices[{i}].sources[{j}].layer_range",
+                    f"{at}.sources[{j}].layer_range",
                     f"covers {n} layers {list(rng)} but sources[{j0}] covers {n0} {list(r0)}",
                     "all sources of one slice must cover the same number of layers",
                 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from mergecli.recipe.parts import parts
 from mergecli.recipe.schema import ModelRef, ModelTokenSource, Recipe, parse_model_ref
 
 
@@ -13,13 +14,15 @@ def model_refs(recipe: Recipe) -> Iterator[tuple[str, ModelRef]]:
     of appearance (tokenizer sources last)."""
     if recipe.base_model:
         yield "base_model", recipe.base_model
-    for i, model in enumerate(recipe.models or []):
-        yield f"models[{i}].model", model.model
-    for i, out_slice in enumerate(recipe.slices or []):
-        if out_slice.base_model:
-            yield f"slices[{i}].base_model", out_slice.base_model
-        for j, source in enumerate(out_slice.sources):
-            yield f"slices[{i}].sources[{j}].model", source.model
+    for part in parts(recipe):
+        at = part.prefix
+        for i, model in enumerate(part.models or []):
+            yield f"{at}models[{i}].model", model.model
+        for i, out_slice in enumerate(part.slices or []):
+            if out_slice.base_model:
+                yield f"{at}slices[{i}].base_model", out_slice.base_model
+            for j, source in enumerate(out_slice.sources):
+                yield f"{at}slices[{i}].sources[{j}].model", source.model
     if isinstance(recipe.tokenizer_source, ModelRef):
         yield "tokenizer_source", recipe.tokenizer_source
     yield from _tokenizer_refs(recipe)
@@ -57,11 +60,12 @@ def raw_model_places(data: Any) -> list[tuple[str, ModelRef]]:
     if not isinstance(data, Mapping):
         return []
     found.append(("base_model", data.get("base_model")))
-    for i, model in enumerate(dicts(data.get("models"))):
-        found.append((f"models[{i}].model", model.get("model")))
-    for i, out_slice in enumerate(dicts(data.get("slices"))):
-        for j, source in enumerate(dicts(out_slice.get("sources"))):
-            found.append((f"slices[{i}].sources[{j}].model", source.get("model")))
+    for at, part in raw_parts(data):
+        for i, model in enumerate(dicts(part.get("models"))):
+            found.append((f"{at}models[{i}].model", model.get("model")))
+        for i, out_slice in enumerate(dicts(part.get("slices"))):
+            for j, source in enumerate(dicts(out_slice.get("sources"))):
+                found.append((f"{at}slices[{i}].sources[{j}].model", source.get("model")))
     places = []
     for where, raw in found:
         try:
@@ -69,6 +73,15 @@ def raw_model_places(data: Any) -> list[tuple[str, ModelRef]]:
         except (ValueError, TypeError):
             continue
     return places
+
+
+def raw_parts(data: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """(recipe path prefix, mapping holding `models`/`slices`) of raw recipe data: the
+    recipe itself, or each module of `modules:`."""
+    modules = data.get("modules")
+    if isinstance(modules, Mapping):
+        return [(f"modules.{k}.", v) for k, v in modules.items() if isinstance(v, Mapping)]
+    return [("", data)]
 
 
 def dicts(value: Any) -> list[Mapping[str, Any]]:

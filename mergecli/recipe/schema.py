@@ -139,6 +139,18 @@ class OutputModule(_Frozen):
     models: list[InputModel] | None = None
     parameters: Parameters | None = None
 
+    @model_validator(mode="after")
+    def _one_input_form(self) -> OutputModule:
+        forms = [k for k in ("models", "slices") if getattr(self, k)]
+        if len(forms) != 1:
+            found = " and ".join(f"`{f}`" for f in forms) if forms else "none"
+            raise PydanticCustomError(
+                "input_form",
+                "give exactly one of `models` or `slices` in a module (found {found})",
+                {"found": found},
+            )
+        return self
+
 
 class ModelTokenSource(_Frozen):
     """Take a token's embedding from a model (by token string or id)."""
