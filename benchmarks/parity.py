@@ -5,7 +5,8 @@
 mergekit is never a dependency: install it in a virtual environment of its own
 (`python -m venv --system-site-packages V && V/bin/pip install mergekit==0.1.5`) and name
 its `mergekit-yaml`. The family is built here: four float32 Llamas (a base and three
-fine-tunes, dense task vectors) from a `transformers` config. Parity is defined as in
+fine-tunes, dense task vectors) and a T5 v1.1 with two fine-tunes (for `modules:`), from
+`transformers` configs. Parity is defined as in
 issue #13: with float32 inputs and `dtype: float32` both tools compute in float32, and a
 tensor agrees when it is equal within float32 rounding (|a - b| <= 1e-5 |b| + 1e-6).
 Random methods (DARE, DELLA) draw differently by design: they are compared at density 1,
@@ -15,6 +16,7 @@ where no entry is dropped. Prints one markdown row per recipe.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -54,6 +56,69 @@ def make_family(root: Path) -> dict[str, Path]:
         out[f"ft{i}"] = root / f"ft{i}"
         model.save_pretrained(out[f"ft{i}"])
     return out
+
+
+def make_t5(root: Path) -> dict[str, Path]:
+    """Base and two fine-tunes of a T5 v1.1 (gated-gelu, 3 encoder and 2 decoder blocks),
+    for the multi-module form (`modules:` encoder / decoder / shared)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(
+        vocab_size=64,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=3,
+        num_decoder_layers=2,
+        num_heads=4,
+        tie_word_embeddings=False,
+        feed_forward_proj="gated-gelu",
+    )
+    torch.manual_seed(1)
+    base = T5ForConditionalGeneration(config).eval()
+    out = {"t5": root / "t5-base"}
+    base.save_pretrained(out["t5"])
+    for i in (1, 2):
+        model = T5ForConditionalGeneration(config).eval()
+        model.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn_like(param) * 0.01 * i)
+        out[f"t5-ft{i}"] = root / f"t5-ft{i}"
+        model.save_pretrained(out[f"t5-ft{i}"])
+    return out
+
+
+def module_recipes(f: dict[str, Path]) -> dict[str, str]:
+    """The multi-module form: per-module models, parameters and gradients (T5), and the
+    single `default` module of a decoder-only model."""
+    t5, t1, t2 = f["t5"], f["t5-ft1"], f["t5-ft2"]
+    a, b = f["ft1"], f["ft2"]
+    return {
+        "modules-t5": (
+            f"merge_method: task_arithmetic\nbase_model: {t5}\ndtype: float32\nmodules:\n"
+            f"  encoder:\n    parameters: {{weight: 0.2}}\n    models:\n      - model: {t1}\n"
+            f"      - model: {t2}\n        parameters: {{weight: 0.7}}\n"
+            f"  decoder:\n    models:\n      - model: {t1}\n        parameters: {{weight: [0.0, 1.0]}}\n"
+            f"      - model: {t2}\n        parameters: {{weight: 0.5}}\n"
+            f"  shared:\n    models:\n      - model: {t1}\n        parameters: {{weight: 0.3}}\n"
+            f"      - model: {t2}\n        parameters: {{weight: 0.3}}\n"
+        ),
+        "modules-t5-ties": (
+            f"merge_method: ties\nbase_model: {t5}\ndtype: float32\n"
+            "parameters: {weight: 0.5, density: 0.6}\nmodules:\n"
+            f"  encoder:\n    models: [{{model: {t1}}}, {{model: {t2}}}]\n"
+            f"  decoder:\n    parameters: {{density: 0.3}}\n    models: [{{model: {t1}}}, {{model: {t2}}}]\n"
+            f"  shared:\n    models: [{{model: {t1}}}, {{model: {t2}}}]\n"
+        ),
+        "modules-default-slices": (
+            "merge_method: linear\ndtype: float32\nmodules:\n  default:\n"
+            "    parameters: {weight: 0.5}\n    slices:\n      - sources:\n"
+            f"          - model: {a}\n            layer_range: [0, 3]\n"
+            f"          - model: {b}\n            layer_range: [1, 4]\n"
+            "            parameters: {weight: [1.0, 0.0]}\n"
+        ),
+    }
 
 
 def recipes(f: dict[str, Path]) -> dict[str, str]:
@@ -106,6 +171,7 @@ def recipes(f: dict[str, Path]) -> dict[str, str]:
         "ramplus_tl": f"merge_method: ramplus_tl\nbase_model: {base}\n{head}parameters: {{epsilon: 0.01, r: 0.5, alpha: 0.3}}\nmodels:\n{plain}",
         "arcee_fusion": f"merge_method: arcee_fusion\nbase_model: {a}\n{head}models:\n{two}",
         "passthrough-slices": f"merge_method: passthrough\n{head}slices:\n  - sources:\n      - model: {a}\n        layer_range: [0, 2]\n  - sources:\n      - model: {b}\n        layer_range: [1, 4]\n",
+        **module_recipes(f),
         "slices-linear": f"merge_method: linear\n{head}slices:\n  - sources:\n      - model: {a}\n        layer_range: [0, 2]\n        parameters: {{weight: 0.7}}\n      - model: {b}\n        layer_range: [0, 2]\n        parameters: {{weight: 0.3}}\n  - sources:\n      - model: {b}\n        layer_range: [2, 4]\n        parameters: {{weight: 1.0}}\n      - model: {c}\n        layer_range: [2, 4]\n        parameters: {{weight: 1.0}}\n",
     }
 
@@ -145,9 +211,10 @@ def main() -> None:
     parser.add_argument("--mergekit", required=True, help="path of mergekit-yaml")
     parser.add_argument("--only", nargs="*", default=None)
     args = parser.parse_args()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        family = make_family(root / "family")
+        family = {**make_family(root / "family"), **make_t5(root / "family")}
         print(
             "| recipe | tensors agreeing | largest relative difference | first differing |\n|---|---|---|---|"
         )
@@ -162,9 +229,10 @@ def main() -> None:
                 [sys.executable, "-m", "mergecli", "run", str(recipe), "-o", str(ours), "--quiet"],
                 capture_output=True,
                 text=True,
+                env=env,
             )
             kit = subprocess.run(
-                [args.mergekit, str(recipe), str(theirs)], capture_output=True, text=True
+                [args.mergekit, str(recipe), str(theirs)], capture_output=True, text=True, env=env
             )
             if mine.returncode or kit.returncode:
                 failed = "mergecli" if mine.returncode else "mergekit"
