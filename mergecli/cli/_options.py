@@ -10,6 +10,14 @@ import typer
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+StrictOpt = Annotated[
+    bool,
+    typer.Option(
+        "--strict",
+        help="Refuse recipe keys that are only warned about (keys mergekit ignores that "
+        "change nothing here, such as a restated default): for CI.",
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes on stderr.")]
 ShardSizeOpt = Annotated[
     str, typer.Option("--shard-size", help="Largest output shard, with units: 5GB, 500MB, 2GiB.")

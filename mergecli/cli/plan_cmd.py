@@ -9,7 +9,7 @@ from rich.table import Table
 
 from mergecli.cli._common import plan_recipe
 from mergecli.cli._console import stdout_console
-from mergecli.cli._options import JsonOpt, RecipeArg, SeedOpt, ShardSizeOpt
+from mergecli.cli._options import JsonOpt, RecipeArg, SeedOpt, ShardSizeOpt, StrictOpt
 from mergecli.engine.memory import budget_for, predict_peak
 from mergecli.io.dtypes import CODE_TO_NAME
 from mergecli.plan.types import MergePlan, TensorPlan
@@ -17,7 +17,7 @@ from mergecli.units import format_size
 
 T_NOTE = (
     "gradients: layer tensors get t = i/(L-1) within their slice; tensors before the layers "
-    "(embeddings) get t = 0 and tensors after them (final norm, head) t = 1, as in mergekit"
+    "(embeddings) and after them (final norm, head) get t = 0, as in mergekit"
 )
 
 
@@ -70,6 +70,7 @@ def plan(
     as_json: JsonOpt = False,
     shard_size: ShardSizeOpt = "5GB",
     seed: SeedOpt = None,
+    strict: StrictOpt = False,
 ) -> None:
     """Show every output tensor with its method, inputs and resolved parameters.
 
@@ -80,7 +81,7 @@ def plan(
 
       mergecli plan recipes/quickstart.yaml --json
     """
-    merge_plan = plan_recipe(recipe, shard_size, seed)
+    merge_plan = plan_recipe(recipe, shard_size, seed, strict)
     data = plan_to_dict(merge_plan)
     if as_json:
         print(json.dumps(data, indent=2))

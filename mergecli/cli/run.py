@@ -33,6 +33,7 @@ from mergecli.cli._options import (
     ResumeOpt,
     SeedOpt,
     ShardSizeOpt,
+    StrictOpt,
     ThreadsOpt,
     VerifyOpt,
 )
@@ -73,11 +74,12 @@ def run(
     clamp_overflow: ClampOverflowOpt = False,
     reproducible: ReproducibleOpt = False,
     progress: ProgressOpt = False,
+    strict: StrictOpt = False,
 ) -> None:
     """Merge the models of RECIPE into the folder OUT."""
     signal.signal(signal.SIGTERM, _terminate)
     started = time.monotonic()
-    plan = plan_recipe(recipe, shard_size, seed)
+    plan = plan_recipe(recipe, shard_size, seed, strict)
     budget = _budget(plan, max_memory, threads)
     where = resolve_device(device.value)
     if not quiet:

@@ -10,10 +10,12 @@ import typer
 from mergecli.cli._common import plan_recipe
 from mergecli.cli._console import STDERR
 from mergecli.cli._errors import exit_code_of, render_error
+from mergecli.cli._options import StrictOpt
 
 
 def validate(
     recipes: Annotated[list[Path], typer.Argument(help="Recipe YAML files.", show_default=False)],
+    strict: StrictOpt = False,
 ) -> None:
     """Check recipes: schema, methods, parameters, models, shapes and layer ranges.
 
@@ -29,7 +31,7 @@ def validate(
     failed: list[int] = []
     for path in recipes:
         try:
-            plan = plan_recipe(path)
+            plan = plan_recipe(path, strict=strict)
         except Exception as exc:
             failed.append(render_error(exc))
             continue

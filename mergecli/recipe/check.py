@@ -25,7 +25,10 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
     if spec is None:
         return [_unknown_method(recipe.merge_method), *_check_unsupported(recipe)]
     problems = list(_check_unsupported(recipe))
-    problems += _check_parameter_blocks(_parameter_blocks(recipe.model_dump()), spec)
+    data = recipe.model_dump()
+    restated = _restated(data, spec)
+    blocks = _parameter_blocks(data)
+    problems += [p for p in _check_parameter_blocks(blocks, spec) if p.where not in restated]
     problems += _check_inputs(recipe, spec)
     problems += _check_slices(recipe)
     if recipe.post is not None and recipe.post.lines is not None and not spec.uses_base:
@@ -66,6 +69,60 @@ def _check_unsupported(recipe: Recipe) -> Iterator[Problem]:
                     "`residual_weight` is not supported yet",
                     "remove it",
                 )
+
+
+def recipe_warnings(recipe: Recipe) -> list[Problem]:
+    """Keys of a valid recipe that mergekit ignores and that change nothing here either (a
+    restated default, a memory flag): each is a warning, not an error; `--strict` refuses
+    them."""
+    spec = methods.get(recipe.merge_method)
+    if spec is None:
+        return []
+    return list(_restated(recipe.model_dump(), spec).values())
+
+
+def _restated(data: Mapping[str, Any], spec: MethodSpec) -> dict[str, Problem]:
+    """Per recipe path: the warning for a parameter `spec` does not take whose every value
+    in the recipe restates what the method does anyway."""
+    places: dict[str, list[tuple[str, Any]]] = {}
+    for path, block, _ in _parameter_blocks(data):
+        for name, setting in block.items():
+            if spec.param(name) is None:
+                places.setdefault(name, []).append((f"{path}.{name}", setting))
+    found: dict[str, Problem] = {}
+    for name, where in places.items():
+        values = [v for _, setting in where for v in leaf_values(setting)]
+        reason = _restates(spec, name, values)
+        if reason is None:
+            continue
+        for path, _ in where:
+            found[path] = Problem(
+                path,
+                f"`{spec.name}` takes no `{name}` ({reason}); ignored, as mergekit ignores it",
+                "remove it (`--strict` refuses keys that change nothing)",
+            )
+    return found
+
+
+def _restates(spec: MethodSpec, name: str, values: list[Any]) -> str | None:
+    """Why `name` with these values changes nothing for `spec`, or None when it would."""
+    if not values:
+        return None
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    if name == "int8_mask" and all(isinstance(v, bool) for v in values):
+        return "a memory option of mergekit's; mergecli's selection is exact without it"
+    if name == "density" and numbers and all(v == 1 for v in values):
+        return f"`{spec.name}` keeps every entry; density 1 restates that"
+    if name == "lambda" and numbers and all(v == 1 for v in values):
+        return f"`{spec.name}` does not scale its result; lambda 1 restates that"
+    if name == "normalize" and spec.name in _NORMALIZING and all(v is True for v in values):
+        return f"`{spec.name}` always normalizes its weights"
+    if name == "weight" and spec.param("weight") is None and numbers and len(set(values)) == 1:
+        return f"`{spec.name}` treats its models alike; equal weights restate that"
+    return None
+
+
+_NORMALIZING = ("multislerp", "nuslerp")
 
 
 def check_raw(data: Mapping[str, Any]) -> list[Problem]:

@@ -132,3 +132,123 @@ def test_sce_accepts_int8_mask(family: dict[str, Path], tmp_path: Path, runner: 
     )
     code, _, err = invoke(runner, "validate", str(write(tmp_path / "r.yaml", text)))
     assert code == 0, err
+
+
+NOOP_CASES = [
+    (
+        "linear",
+        "parameters: {weight: 1, density: 1.0}",
+        "parameters.density: `linear` takes no `density` (`linear` keeps every entry; "
+        "density 1 restates that); ignored, as mergekit ignores it",
+    ),
+    (
+        "linear",
+        "parameters: {weight: 1, int8_mask: true}",
+        "parameters.int8_mask: `linear` takes no `int8_mask` (a memory option of mergekit's; "
+        "mergecli's selection is exact without it); ignored, as mergekit ignores it",
+    ),
+    (
+        "slerp",
+        "parameters: {t: 0.3, lambda: 1}",
+        "parameters.lambda: `slerp` takes no `lambda` (`slerp` does not scale its result; "
+        "lambda 1 restates that)",
+    ),
+    (
+        "multislerp",
+        "parameters: {weight: 1, normalize: true}",
+        "parameters.normalize: `multislerp` takes no `normalize` (`multislerp` always "
+        "normalizes its weights)",
+    ),
+    (
+        "karcher",
+        "parameters: {weight: 1.0}",
+        "parameters.weight: `karcher` takes no `weight` (`karcher` treats its models alike; "
+        "equal weights restate that)",
+    ),
+]
+
+
+def _noop_recipe(family: dict[str, Path], method: str, params: str) -> str:
+    base = f"base_model: {family['a']}\n" if method == "slerp" else ""
+    return (
+        f"merge_method: {method}\n{base}{params}\n"
+        f"models:\n  - model: {family['a']}\n  - model: {family['b']}\n"
+    )
+
+
+@pytest.mark.parametrize(("method", "params", "warning"), NOOP_CASES)
+def test_keys_that_change_nothing_are_warnings_and_strict_refuses_them(
+    family: dict[str, Path],
+    tmp_path: Path,
+    runner: CliRunner,
+    method: str,
+    params: str,
+    warning: str,
+) -> None:
+    recipe = write(tmp_path / "r.yaml", _noop_recipe(family, method, params))
+    code, _, err = invoke(runner, "validate", str(recipe))
+    assert code == 0, err
+    assert warning in " ".join(err.split())
+    assert "hint: remove it (`--strict` refuses keys that change nothing)" in err
+    for command in (["validate"], ["plan"], ["run", "-o", str(tmp_path / "out")]):
+        code, _, err = invoke(runner, *command, "--strict", str(recipe))
+        assert code == 2, (command, err)
+        assert "refused by --strict; mergekit ignores it" in " ".join(err.split())
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_warned_key_leaves_the_output_as_without_it(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
+    outputs = []
+    for i, params in enumerate(
+        ["parameters: {weight: 1.0}", "parameters: {weight: 1.0, density: 1, lambda: 1.0}"]
+    ):
+        recipe = write(tmp_path / f"r{i}.yaml", _noop_recipe(family, "linear", params))
+        code, _, err = invoke(runner, "run", str(recipe), "-o", str(tmp_path / f"o{i}"))
+        assert code == 0, err
+        outputs.append((tmp_path / f"o{i}" / "model.safetensors").read_bytes())
+    assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "error"),
+    [
+        ("linear", "parameters: {weight: 1, density: 0.5}", "unknown parameter `density`"),
+        (
+            "multislerp",
+            "parameters: {weight: 1, normalize: false}",
+            "unknown parameter `normalize`",
+        ),
+        ("slerp", "parameters: {t: 0.3, lambda: 0.5}", "unknown parameter `lambda`"),
+        ("linear", "parameters: {weight: 1, int8_mask: 3}", "unknown parameter `int8_mask`"),
+    ],
+)
+def test_keys_whose_intent_would_be_lost_stay_errors(
+    family: dict[str, Path],
+    tmp_path: Path,
+    runner: CliRunner,
+    method: str,
+    params: str,
+    error: str,
+) -> None:
+    recipe = write(tmp_path / "r.yaml", _noop_recipe(family, method, params))
+    code, _, err = invoke(runner, "validate", str(recipe))
+    assert code == 2, err
+    assert error in err
+    assert "warning:" not in err
+
+
+def test_unequal_weights_on_a_method_without_weights_stay_errors(
+    family: dict[str, Path], tmp_path: Path, runner: CliRunner
+) -> None:
+    text = (
+        "merge_method: karcher\nmodels:\n"
+        f"  - model: {family['a']}\n    parameters: {{weight: 0.7}}\n"
+        f"  - model: {family['b']}\n    parameters: {{weight: 0.3}}\n"
+    )
+    code, _, err = invoke(runner, "validate", str(write(tmp_path / "r.yaml", text)))
+    assert code == 2, err
+    flat = " ".join(err.split())
+    assert "models[0].parameters.weight: unknown parameter `weight` for method `karcher`" in flat
+    assert "models[1].parameters.weight: unknown parameter `weight`" in flat
