@@ -21,13 +21,26 @@ BIN_SINGLE = "pytorch_model.bin"
 
 
 @dataclass(frozen=True)
+class Packed:
+    """A tensor stored quantized: its packed data and scale tensors, dequantized on read
+    (`mergecli.io.dequant`); `block` is FP8's (rows, columns) per scale, None for one scale."""
+
+    kind: Literal["fp8", "mxfp4"]
+    data: TensorInfo
+    scale: TensorInfo
+    block: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lives and what it is."""
+    """Where one tensor lives and what it is (for a quantized tensor, its dequantized dtype
+    and shape, with the stored tensors in `packed`)."""
 
     name: str
     file: str
     dtype: str
     shape: tuple[int, ...]
+    packed: Packed | None = None
 
     @property
     def nbytes(self) -> int:

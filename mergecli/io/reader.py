@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from mergecli.errors import CorruptFileError
-from mergecli.io.checkpoint import ModelInfo, load_bin
+from mergecli.io.checkpoint import ModelInfo, TensorInfo, load_bin
+from mergecli.io.dequant import dequantize
 from mergecli.io.dtypes import CODE_TO_TORCH
 from mergecli.io.header import Header, read_header
 
@@ -80,8 +81,16 @@ class TensorReader:
 
     def read(self, model: ModelInfo, name: str, rows: Rows = None) -> torch.Tensor:
         """The tensor `name` of `model` (only rows [start, stop) when `rows` is given), as
-        stored (no dtype conversion)."""
+        stored (no dtype conversion), or dequantized to float32 when stored packed."""
         info = model.tensors[name]
+        if info.packed is not None:
+            return dequantize(
+                info, lambda part, part_rows: self._stored(model, part, part_rows), rows
+            )
+        return self._stored(model, info, rows)
+
+    def _stored(self, model: ModelInfo, info: TensorInfo, rows: Rows) -> torch.Tensor:
+        name = info.name
         if model.weight_format == "memory":
             tensor = model.source.tensors[name]  # type: ignore[attr-defined]
             return tensor if rows is None else tensor[rows[0] : rows[1]]  # type: ignore[no-any-return]

@@ -11,6 +11,7 @@ from typing import Any
 from mergecli import methods
 from mergecli.errors import IncompatibleModelError, MergecliError, Problem, RecipeError
 from mergecli.io.checkpoint import ModelInfo, load_model_info
+from mergecli.io.dequant import dequantized_view
 from mergecli.io.jsonfile import read_json
 from mergecli.io.source import resolve_source
 from mergecli.methods.spec import MethodSpec
@@ -183,7 +184,7 @@ def refuse_quantized(model: ModelInfo) -> None:
 
 def read_model(resolve: Resolver, ref: ModelRef) -> tuple[ModelInfo, TokenizerFacts]:
     """One model's info and tokenizer facts, refused when quantized or damaged."""
-    model = resolve(ref)
+    model = dequantized_view(resolve(ref))
     refuse_quantized(model)
     return model, tokenizer_facts(model)
 
