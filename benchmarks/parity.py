@@ -89,6 +89,38 @@ def make_t5(root: Path) -> dict[str, Path]:
     return out
 
 
+def make_bare(root: Path) -> dict[str, Path]:
+    """Three config-less `.safetensors` files whose tensor names overlap in part, for
+    mergekit-pytorch's `-i`/`-u` (mergecli's `tensor_names: intersection | union`)."""
+    from safetensors.torch import save_file
+
+    names = {
+        "x": ["a.weight", "shared.weight", "layers.0.w", "layers.1.w"],
+        "y": ["b.weight", "shared.weight", "layers.0.w"],
+        "z": ["a.weight", "b.weight", "shared.weight", "layers.0.w", "layers.1.w"],
+    }
+    g = torch.Generator().manual_seed(2)
+    out = {}
+    for model, held in names.items():
+        out[f"bare-{model}"] = root / f"{model}.safetensors"
+        save_file({n: torch.randn(16, 8, generator=g) for n in held}, str(out[f"bare-{model}"]))
+    return out
+
+
+def raw_recipes(f: dict[str, Path]) -> dict[str, str]:
+    """Name-for-name merges of config-less files (run through mergekit-pytorch with -i/-u)."""
+    out = {}
+    for mode in ("intersection", "union"):
+        models = "".join(
+            f"  - model: {f[f'bare-{m}']}\n    parameters: {{weight: {w}}}\n"
+            for m, w in (("x", 0.3), ("y", 0.7), ("z", 0.5))
+        )
+        out[f"raw-{mode}"] = (
+            f"merge_method: linear\ndtype: float32\ntensor_names: {mode}\nmodels:\n{models}"
+        )
+    return out
+
+
 def module_recipes(f: dict[str, Path]) -> dict[str, str]:
     """The multi-module form: per-module models, parameters and gradients (T5), and the
     single `default` module of a decoder-only model."""
@@ -172,6 +204,7 @@ def recipes(f: dict[str, Path]) -> dict[str, str]:
         "arcee_fusion": f"merge_method: arcee_fusion\nbase_model: {a}\n{head}models:\n{two}",
         "passthrough-slices": f"merge_method: passthrough\n{head}slices:\n  - sources:\n      - model: {a}\n        layer_range: [0, 2]\n  - sources:\n      - model: {b}\n        layer_range: [1, 4]\n",
         **module_recipes(f),
+        **raw_recipes(f),
         "slices-linear": f"merge_method: linear\n{head}slices:\n  - sources:\n      - model: {a}\n        layer_range: [0, 2]\n        parameters: {{weight: 0.7}}\n      - model: {b}\n        layer_range: [0, 2]\n        parameters: {{weight: 0.3}}\n  - sources:\n      - model: {b}\n        layer_range: [2, 4]\n        parameters: {{weight: 1.0}}\n      - model: {c}\n        layer_range: [2, 4]\n        parameters: {{weight: 1.0}}\n",
     }
 
@@ -214,7 +247,11 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        family = {**make_family(root / "family"), **make_t5(root / "family")}
+        family = {
+            **make_family(root / "family"),
+            **make_t5(root / "family"),
+            **make_bare(root / "family"),
+        }
         print(
             "| recipe | tensors agreeing | largest relative difference | first differing |\n|---|---|---|---|"
         )
@@ -231,8 +268,12 @@ def main() -> None:
                 text=True,
                 env=env,
             )
+            tool = [args.mergekit]
+            if name.startswith("raw-"):  # mergekit-pytorch, beside mergekit-yaml
+                flag = "-u" if name.endswith("union") else "-i"
+                tool = [str(Path(args.mergekit).with_name("mergekit-pytorch")), flag]
             kit = subprocess.run(
-                [args.mergekit, str(recipe), str(theirs)], capture_output=True, text=True, env=env
+                [*tool, str(recipe), str(theirs)], capture_output=True, text=True, env=env
             )
             if mine.returncode or kit.returncode:
                 failed = "mergecli" if mine.returncode else "mergekit"

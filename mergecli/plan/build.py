@@ -87,7 +87,7 @@ def settle(inputs: Inputs) -> tuple[Context, str | None, list[Problem]]:
     problems += check_architectures(inputs, groups) + check_modules(inputs)
     prepared, prepare_problems = prepare_params(inputs, groups)
     problems += prepare_problems
-    if inputs.recipe.models:
+    if inputs.recipe.models and inputs.recipe.tensor_names in (None, "all"):
         problems += check_same_tensors(inputs, groups[0], tying)
     ctx = Context(inputs=inputs, groups=tuple(groups), tying=tying, vocab=vocab, prepared=prepared)
     return ctx, template_text, problems

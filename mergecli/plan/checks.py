@@ -48,7 +48,8 @@ def check_same_tensors(inputs: Inputs, group: Group, tying: Tying) -> list[Probl
                     f"{model.label} has {len(extra)} tensors that {template.label} lacks "
                     f"(e.g. `{extra[0]}`)",
                     "models must share an architecture and layer count; to combine "
-                    "different depths use `slices:`",
+                    "different depths use `slices:`, or merge name for name with "
+                    "`tensor_names: intersection` (or `union`)",
                     code=4,
                 )
             )

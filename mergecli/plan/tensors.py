@@ -128,7 +128,10 @@ def input_info(
     label = models[model].label
     if info is None:
         message = f"tensor `{name}` is missing from {label}"
-        found.mismatch(model, Problem(where, message, "all inputs need the same tensors", code=4))
+        hint = "all inputs need the same tensors"
+        if ctx.inputs.recipe.models:
+            hint += "; or merge name for name with `tensor_names: intersection` (or `union`)"
+        found.mismatch(model, Problem(where, message, hint, code=4))
         return None
     if shape is not None and info.shape != shape:
         message = (

@@ -3,12 +3,15 @@ renumbered), after the layers, then the layers of other stacks name for name."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from mergecli.errors import Problem
 from mergecli.model.layers import is_pre_layer, layer_counts, split_layer
 from mergecli.model.modules import module_names, module_of
 from mergecli.plan.context import Context, Findings
 from mergecli.plan.groups import Group
 from mergecli.plan.tensors import plan_tensor
-from mergecli.plan.types import TensorPlan
+from mergecli.plan.types import Section, TensorPlan
 
 LayerSource = tuple[int, int]  # (model, layer index) an output layer is made from
 
@@ -18,6 +21,8 @@ def plan_all(ctx: Context, found: Findings) -> tuple[list[TensorPlan], list[Laye
     the whole model at once, or module by module in the order of `modules:`."""
     names = list(ctx.inputs.models[ctx.inputs.template].tensors)
     modules = ctx.inputs.recipe.modules
+    if ctx.inputs.recipe.tensor_names in ("intersection", "union"):
+        return _plan_by_name(ctx, found, ctx.groups[0], ctx.inputs.recipe.tensor_names), []
     if not modules:
         return _plan_part(ctx, found, names, ctx.groups, main=True)
     found_modules = module_names(names)
@@ -58,6 +63,59 @@ def _plan_part(
     stack = ctx.inputs.stack if main else None
     out += _plan_other_stacks(ctx, found, first, names, stack)
     return out, sources
+
+
+def _plan_by_name(ctx: Context, found: Findings, group: Group, mode: str) -> list[TensorPlan]:
+    """The models form over the tensor names every model holds (`intersection`) or any model
+    holds (`union`: a tensor is merged over the models that hold it), name for name."""
+    models = ctx.inputs.models
+    held = [set(models[s.model].tensors) for s in group.sources]
+    ordered = list(dict.fromkeys(n for s in group.sources for n in models[s.model].tensors))
+    names = [n for n in ordered if all(n in h for h in held)] if mode == "intersection" else ordered
+    counts = layer_counts(names)
+    out: list[TensorPlan] = []
+    for name in names:
+        sources = tuple(s for s, h in zip(group.sources, held) if name in h)
+        base = group.base
+        if base is not None and ctx.inputs.spec.uses_base and name not in models[base].tensors:
+            found.add(_missing_in_base(ctx, name, base))
+            continue
+        spec = ctx.inputs.spec
+        merged = [s for s in sources if not (spec.uses_base and s.model == base)]
+        if len(merged) < spec.min_models:
+            found.add(_too_few(ctx, name, len(merged)))
+            continue
+        split = split_layer(name)
+        if split is None:
+            section: Section = "pre" if is_pre_layer(name) else "post"
+            layer, t = None, 0.0
+        else:
+            depth = counts[split.stack]
+            section, layer = "layer", split.index
+            t = split.index / (depth - 1) if depth > 1 else 1.0
+        part = replace(group, sources=sources)
+        out += plan_tensor(ctx, found, name, part, [name] * len(sources), section, layer, t)
+    return out
+
+
+def _missing_in_base(ctx: Context, name: str, base: int) -> Problem:
+    return Problem(
+        "tensor_names",
+        f"tensor `{name}` is in some models but not in the base {ctx.inputs.models[base].label}",
+        "a task vector needs the base's tensor; use `tensor_names: intersection`",
+        code=4,
+    )
+
+
+def _too_few(ctx: Context, name: str, count: int) -> Problem:
+    spec = ctx.inputs.spec
+    return Problem(
+        "tensor_names",
+        f"tensor `{name}` is held by {count} of the models; `{spec.name}` merges at least "
+        f"{spec.min_models}",
+        "use `tensor_names: intersection`",
+        code=4,
+    )
 
 
 def _plan_layers(

@@ -25,6 +25,7 @@ _OWN_ERRORS = {
     "input_form",
     "tokenizer_form",
     "bad_tag",
+    "tensor_names_form",
 }
 
 

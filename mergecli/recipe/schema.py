@@ -218,6 +218,7 @@ class Recipe(_Frozen):
     license: str | None = None
     tags: list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    tensor_names: Literal["all", "intersection", "union"] | None = None
 
     @model_validator(mode="after")
     def _one_input_form(self) -> Recipe:
@@ -233,6 +234,12 @@ class Recipe(_Frozen):
             raise PydanticCustomError(
                 "tokenizer_form",
                 "give either `tokenizer_source` or a `tokenizer:` block, not both",
+            )
+        if self.tensor_names not in (None, "all") and not self.models:
+            raise PydanticCustomError(
+                "tensor_names_form",
+                "`tensor_names: {mode}` applies to the `models:` form (merged name for name)",
+                {"mode": self.tensor_names},
             )
         for tag in self.tags or []:
             if not _TAG.match(tag):

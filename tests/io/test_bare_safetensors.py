@@ -70,3 +70,83 @@ def test_a_missing_safetensors_file_is_not_taken_for_a_hub_id(
     code, _, err = invoke(runner, "validate", str(recipe))
     assert code == 3, err
     assert "nope.safetensors: local folder not found" in err
+
+
+def _files(root: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """x, y, z: tensors that overlap in part (y lacks x's `a.weight` and `layers.1.w`)."""
+    g = torch.Generator().manual_seed(5)
+    names = {
+        "x": ["a.weight", "shared.weight", "layers.0.w", "layers.1.w"],
+        "y": ["b.weight", "shared.weight", "layers.0.w"],
+        "z": ["a.weight", "b.weight", "shared.weight", "layers.0.w", "layers.1.w"],
+    }
+    out = {}
+    for model, held in names.items():
+        out[model] = {n: torch.randn(4, 3, generator=g) for n in held}
+        save_file(out[model], str(root / f"{model}.safetensors"))
+    return out
+
+
+def _recipe(root: Path, mode: str, method: str = "linear", base: str = "") -> Path:
+    text = f"merge_method: {method}\n{base}tensor_names: {mode}\nmodels:\n"
+    for model, weight in (("x", 0.3), ("y", 0.7), ("z", 0.5)):
+        text += f"  - model: {root / model}.safetensors\n    parameters: {{weight: {weight}}}\n"
+    return write(root / "r.yaml", text)
+
+
+def test_tensor_names_intersection_and_union(tmp_path: Path, runner: CliRunner) -> None:
+    tensors = _files(tmp_path)
+    weights = {"x": 0.3, "y": 0.7, "z": 0.5}
+    for mode, expected in (
+        ("intersection", ["layers.0.w", "shared.weight"]),
+        ("union", ["a.weight", "b.weight", "layers.0.w", "layers.1.w", "shared.weight"]),
+    ):
+        out = tmp_path / f"out-{mode}"
+        code, _, err = invoke(runner, "run", str(_recipe(tmp_path, mode)), "-o", str(out))
+        assert code == 0, err
+        merged = load_file(out / "model.safetensors")
+        assert sorted(merged) == expected
+        for name, value in merged.items():
+            held = [m for m in weights if name in tensors[m]]
+            total = sum(weights[m] for m in held)
+            want = sum(weights[m] * tensors[m][name].double() for m in held) / total
+            torch.testing.assert_close(value.double(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_tensor_names_all_names_the_way_out(tmp_path: Path, runner: CliRunner) -> None:
+    _files(tmp_path)
+    code, _, err = invoke(runner, "validate", str(_recipe(tmp_path, "all")))
+    assert code == 4, err
+    assert "or merge name for name with `tensor_names: intersection` (or `union`)" in " ".join(
+        err.split()
+    )
+
+
+def test_union_refuses_what_it_cannot_merge(tmp_path: Path, runner: CliRunner) -> None:
+    _files(tmp_path)
+    base = f"base_model: {tmp_path / 'y'}.safetensors\n"
+    code, _, err = invoke(
+        runner, "validate", str(_recipe(tmp_path, "union", "task_arithmetic", base))
+    )
+    assert code == 4, err
+    flat = " ".join(err.split())
+    assert "tensor_names: tensor `a.weight` is in some models but not in the base" in flat
+    assert "use `tensor_names: intersection`" in flat
+    text = (
+        f"merge_method: slerp\nbase_model: {tmp_path / 'x'}.safetensors\ntensor_names: union\n"
+        f"parameters: {{t: 0.5}}\nmodels:\n  - model: {tmp_path / 'x'}.safetensors\n"
+        f"  - model: {tmp_path / 'z'}.safetensors\n"
+    )
+    code, _, err = invoke(runner, "validate", str(write(tmp_path / "s.yaml", text)))
+    assert code == 4, err
+    assert "tensor `b.weight` is in some models but not in the base" in " ".join(err.split())
+
+
+def test_tensor_names_belongs_to_the_models_form(tmp_path: Path, runner: CliRunner) -> None:
+    text = (
+        "merge_method: passthrough\ntensor_names: union\nslices:\n"
+        "  - sources:\n      - model: a\n        layer_range: [0, 1]\n"
+    )
+    code, _, err = invoke(runner, "validate", str(write(tmp_path / "r.yaml", text)))
+    assert code == 2, err
+    assert "`tensor_names: union` applies to the `models:` form (merged name for name)" in err
