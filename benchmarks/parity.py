@@ -9,8 +9,10 @@ fine-tunes, dense task vectors) and a T5 v1.1 with two fine-tunes (for `modules:
 `transformers` configs. Parity is defined as in
 issue #13: with float32 inputs and `dtype: float32` both tools compute in float32, and a
 tensor agrees when it is equal within float32 rounding (|a - b| <= 1e-5 |b| + 1e-6).
-Random methods (DARE, DELLA) draw differently by design: they are compared at density 1,
-where no entry is dropped. Prints one markdown row per recipe.
+Random methods (DARE, DELLA) draw differently by design: they are compared entry by entry
+at density 1, where no entry is dropped, and by statistics below it (`stat-*`: the share of
+entries kept and the rescale of kept ones, per decile of magnitude rank, within 5 standard
+errors). Prints one markdown row per recipe.
 """
 
 from __future__ import annotations
@@ -205,8 +207,79 @@ def recipes(f: dict[str, Path]) -> dict[str, str]:
         "passthrough-slices": f"merge_method: passthrough\n{head}slices:\n  - sources:\n      - model: {a}\n        layer_range: [0, 2]\n  - sources:\n      - model: {b}\n        layer_range: [1, 4]\n",
         **module_recipes(f),
         **raw_recipes(f),
+        **stat_recipes(f),
         "slices-linear": f"merge_method: linear\n{head}slices:\n  - sources:\n      - model: {a}\n        layer_range: [0, 2]\n        parameters: {{weight: 0.7}}\n      - model: {b}\n        layer_range: [0, 2]\n        parameters: {{weight: 0.3}}\n  - sources:\n      - model: {b}\n        layer_range: [2, 4]\n        parameters: {{weight: 1.0}}\n      - model: {c}\n        layer_range: [2, 4]\n        parameters: {{weight: 1.0}}\n",
     }
+
+
+def stat_recipes(f: dict[str, Path]) -> dict[str, str]:
+    """Random methods below density 1, one fine-tune at weight 1 (so `merged - base` is the
+    pruned, rescaled task vector): compared by statistics, not entry by entry."""
+    base, a = f["base"], f["ft1"]
+    one = f"  - model: {a}\n    parameters: {{weight: 1.0, density: {{d}}}}\n"
+    return {
+        "stat-dare_linear": f"merge_method: dare_linear\nbase_model: {base}\ndtype: float32\n"
+        f"models:\n{one.replace('{d}', '0.3')}",
+        "stat-della_linear": f"merge_method: della_linear\nbase_model: {base}\ndtype: float32\n"
+        f"parameters: {{epsilon: 0.15}}\nmodels:\n{one.replace('{d}', '0.4')}",
+        "stat-dare_ties": f"merge_method: dare_ties\nbase_model: {base}\ndtype: float32\n"
+        f"models:\n{one.replace('{d}', '0.5')}",
+        "stat-della": f"merge_method: della\nbase_model: {base}\ndtype: float32\n"
+        f"parameters: {{epsilon: 0.1}}\nmodels:\n{one.replace('{d}', '0.6')}",
+    }
+
+
+def _layer_matrices(merged: dict[str, torch.Tensor]) -> list[str]:
+    return [n for n, t in merged.items() if t.dim() == 2 and ".layers." in n]
+
+
+def kept_by_decile(
+    merged: dict[str, torch.Tensor], base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor]
+) -> list[tuple[int, int]]:
+    """Per decile of |delta| rank within its row (DELLA's ranking), pooled over the 2-D layer
+    tensors: (entries, entries kept)."""
+    counts = [[0, 0] for _ in range(10)]
+    for name in _layer_matrices(merged):
+        delta = (tuned[name] - base[name]).double()
+        kept = merged[name].double() != base[name].double()
+        ranks = delta.abs().argsort(dim=1).argsort(dim=1).double() / (delta.shape[1] - 1)
+        decile = (ranks * 10).clamp(max=9).long()
+        for d in range(10):
+            counts[d][0] += int((decile == d).sum())
+            counts[d][1] += int(((decile == d) & kept).sum())
+    return [(n, k) for n, k in counts]
+
+
+def l1_ratios(
+    merged: dict[str, torch.Tensor], base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """Per layer tensor: |merged - base|_1 / |delta|_1 (1 when the rescale keeps the L1 norm)."""
+    return torch.tensor(
+        [
+            float((merged[n].double() - base[n].double()).abs().sum())
+            / float((tuned[n].double() - base[n].double()).abs().sum())
+            for n in _layer_matrices(merged)
+        ]
+    )
+
+
+def stat_compare(
+    ours: dict[str, torch.Tensor],
+    theirs: dict[str, torch.Tensor],
+    base: dict[str, torch.Tensor],
+    tuned: dict[str, torch.Tensor],
+) -> tuple[bool, str]:
+    """Both tools keep the same share of each rank decile (two-proportion z within 5) and
+    rescale every tensor to the same L1 norm (within 1e-6)."""
+    worst = 0.0
+    for (n, k1), (_, k2) in zip(
+        kept_by_decile(ours, base, tuned), kept_by_decile(theirs, base, tuned)
+    ):
+        p = (k1 + k2) / (2 * n)
+        worst = max(worst, abs(k1 - k2) / n / max((2 * p * (1 - p) / n) ** 0.5, 1e-12))
+    norm = float((l1_ratios(ours, base, tuned) - l1_ratios(theirs, base, tuned)).abs().max())
+    detail = f"kept share per rank decile: largest z {worst:.2f}; L1 rescale differs by {norm:.1e}"
+    return worst <= 5 and norm <= 1e-6, detail
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -280,6 +353,15 @@ def main() -> None:
                 output = (mine.stderr if mine.returncode else kit.stderr).strip().splitlines()
                 print(f"| {name} | {failed} failed | - | {(output or [''])[-1][:80]} |", flush=True)
                 total += 1
+                continue
+            if name.startswith("stat-"):
+                family_base = tensors(family["base"])
+                ok, detail = stat_compare(
+                    tensors(ours), tensors(theirs), family_base, tensors(family["ft1"])
+                )
+                total += 1
+                agreeing += ok
+                print(f"| {name} | {'statistically equal' if ok else 'differ'} | {detail} | - |")
                 continue
             good, count, worst, first = compare(tensors(ours), tensors(theirs))
             total += 1
