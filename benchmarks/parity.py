@@ -18,7 +18,9 @@ errors). Prints one markdown row per recipe.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -58,6 +60,55 @@ def make_family(root: Path) -> dict[str, Path]:
         out[f"ft{i}"] = root / f"ft{i}"
         model.save_pretrained(out[f"ft{i}"])
     return out
+
+
+def _tokenizer(tokens: list[str]) -> object:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def add_tokenizers(f: dict[str, Path]) -> dict[str, Path]:
+    """Give the Llama family tokenizers (128 tokens) and add `ft2-vocab`: ft2 with two more
+    tokens (rows appended to its embedding and head), for the tokenizer recipes."""
+    from safetensors.torch import load_file, save_file
+
+    tokens = ["<unk>", "<s>", "</s>", *[f"w{i}" for i in range(125)]]
+    for name in ("base", "ft1", "ft2", "ft3"):
+        _tokenizer(tokens).save_pretrained(f[name])  # type: ignore[attr-defined]
+    wide = f["ft2"].with_name("ft2-vocab")
+    shutil.copytree(f["ft2"], wide)
+    state = load_file(wide / "model.safetensors")
+    g = torch.Generator().manual_seed(9)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[name] = torch.cat([state[name], torch.randn(2, state[name].shape[1], generator=g)])
+    save_file(state, str(wide / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((wide / "config.json").read_text())
+    config["vocab_size"] = 130
+    (wide / "config.json").write_text(json.dumps(config))
+    _tokenizer([*tokens, "zz_new", "zz_other"]).save_pretrained(wide)  # type: ignore[attr-defined]
+    return {"ft2-vocab": wide}
+
+
+def tokenizer_recipes(f: dict[str, Path]) -> dict[str, str]:
+    """Tokenizer blocks: the base's vocabulary, the union with added tokens, a token's row
+    taken from a chosen model, and padding to a multiple."""
+    base, a, wide = f["base"], f["ft1"], f["ft2-vocab"]
+    models = f"models:\n  - model: {a}\n    parameters: {{weight: 0.4}}\n  - model: {wide}\n    parameters: {{weight: 0.6}}\n"
+    head = f"merge_method: task_arithmetic\nbase_model: {base}\ndtype: float32\n"
+    return {
+        "tokenizer-base": f"{head}tokenizer_source: base\n{models}",
+        "tokenizer-union": f"{head}tokenizer_source: union\n{models}",
+        "tokenizer-block-tokens": f"{head}tokenizer:\n  source: union\n  tokens:\n"
+        f"    zz_new:\n      source: {wide}\n    w7:\n      source:\n        kind: model_token\n"
+        f"        model: {a}\n        token: w9\n      force: true\n{models}",
+        "tokenizer-pad": f"{head}tokenizer:\n  source: union\n  pad_to_multiple_of: 64\n{models}",
+    }
 
 
 def make_t5(root: Path) -> dict[str, Path]:
@@ -208,6 +259,7 @@ def recipes(f: dict[str, Path]) -> dict[str, str]:
         **module_recipes(f),
         **raw_recipes(f),
         **stat_recipes(f),
+        **tokenizer_recipes(f),
         "slices-linear": f"merge_method: linear\n{head}slices:\n  - sources:\n      - model: {a}\n        layer_range: [0, 2]\n        parameters: {{weight: 0.7}}\n      - model: {b}\n        layer_range: [0, 2]\n        parameters: {{weight: 0.3}}\n  - sources:\n      - model: {b}\n        layer_range: [2, 4]\n        parameters: {{weight: 1.0}}\n      - model: {c}\n        layer_range: [2, 4]\n        parameters: {{weight: 1.0}}\n",
     }
 
@@ -282,6 +334,34 @@ def stat_compare(
     return worst <= 5 and norm <= 1e-6, detail
 
 
+def token_ids(folder: Path) -> dict[str, int]:
+    """Token -> id of an output's tokenizer (model vocabulary and added tokens)."""
+    data = json.loads((folder / "tokenizer.json").read_text())
+    ids = dict(data["model"]["vocab"])
+    ids.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
+    return ids
+
+
+def align_vocab(
+    ours: Path, theirs: Path, merged: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """mergekit's tensors with per-token rows moved to mergecli's token ids: mergekit numbers
+    a union's added tokens in Python set order, which changes from run to run."""
+    mine, kit = token_ids(ours), token_ids(theirs)
+    if mine.keys() != kit.keys():
+        return merged
+    order = torch.arange(max(mine.values()) + 1)
+    for token, i in mine.items():
+        order[i] = kit[token]
+    out = dict(merged)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in out:
+            rows = out[name].clone()
+            rows[: len(order)] = out[name][order]
+            out[name] = rows
+    return out
+
+
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for shard in sorted(folder.glob("*.safetensors")):
@@ -320,8 +400,10 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        llama = make_family(root / "family")
         family = {
-            **make_family(root / "family"),
+            **llama,
+            **add_tokenizers(llama),
             **make_t5(root / "family"),
             **make_bare(root / "family"),
         }
@@ -363,7 +445,10 @@ def main() -> None:
                 agreeing += ok
                 print(f"| {name} | {'statistically equal' if ok else 'differ'} | {detail} | - |")
                 continue
-            good, count, worst, first = compare(tensors(ours), tensors(theirs))
+            theirs_tensors = tensors(theirs)
+            if name.startswith("tokenizer-"):
+                theirs_tensors = align_vocab(ours, theirs, theirs_tensors)
+            good, count, worst, first = compare(tensors(ours), theirs_tensors)
             total += 1
             agreeing += good == count
             print(f"| {name} | {good}/{count} | {worst:.2e} | {first or '-'} |", flush=True)

@@ -96,10 +96,8 @@ def merge_rows(
                 values[row] = _source_row(vocab, row, loaded, like)
                 present[row] = True
     if vocab.padding is not None:
-        start, size = vocab.padding
-        for values, present in placed:
-            values[start:] = values[:size].mean(dim=0)
-            present[start:] = True
+        forced = {row: _source_row(vocab, row, loaded, like) for row in vocab.forced}
+        _pad(placed, forced, *vocab.padding)
     codes = torch.zeros(vocab.rows, dtype=torch.int64)
     for bit, (_, present) in enumerate(placed):
         codes |= present.to(torch.int64) << bit
@@ -110,6 +108,27 @@ def merge_rows(
     for row in vocab.forced:
         out[row] = _source_row(vocab, row, loaded, like)
     return out
+
+
+def _pad(
+    placed: list[tuple[torch.Tensor, torch.Tensor]],
+    forced: Mapping[int, torch.Tensor],
+    start: int,
+    size: int,
+) -> None:
+    """Rows from `start` on take, in each model, the mean of its `size` token rows as
+    mergekit places them: a forced row as forced, a row the model lacks as the plain mean of
+    the models that have it."""
+    sums = torch.stack([values for values, _ in placed]).sum(dim=0)
+    count = torch.stack([present for _, present in placed]).sum(dim=0).to(sums.dtype)
+    shape = (-1, *[1] * (sums.dim() - 1))
+    stand_in = sums / count.clamp(min=1).view(shape)
+    for values, present in placed:
+        filled = torch.where(present.view(shape), values, stand_in)
+        for row, value in forced.items():
+            filled[row] = value
+        values[start:] = filled[:size].mean(dim=0)
+        present[start:] = True
 
 
 def _merge_group(

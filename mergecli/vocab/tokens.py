@@ -105,7 +105,8 @@ class VocabPlan:
     row -> (model or None for a zero row, that model's row); `forced` rows take the override
     as the result, the others use it in place of missing rows. `padding` = (first padding
     row, token rows): rows added by `pad_to_multiple_of` take, in each model, the mean of
-    that model's token rows (as mergekit does, after Hewitt's vocabulary-expansion advice).
+    that model's token rows, a row it lacks standing in as the plain mean of the models that
+    have it (as mergekit does, after Hewitt's vocabulary-expansion advice).
     """
 
     rows: int

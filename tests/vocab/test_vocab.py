@@ -232,14 +232,25 @@ def test_tokenizer_block_sources_force_and_padding(
     assert torch.equal(merged[vu[shared]], torch.zeros(merged.shape[1]).double())
     rb = rows_by_token(b, EMBED)
     ra = rows_by_token(a, EMBED)
-    # padding rows: in each model the mean of its token rows as placed (its own rows, a's
-    # `</s>` lent for the `<|tool|>` it lacks, zeros for the union's tokens it lacks), then
-    # merged like any row (as mergekit does)
+    # padding rows: in each model the mean of its token rows as mergekit places them (forced
+    # rows as forced, a's `</s>` lent for the `<|tool|>` it lacks, the other model's row for
+    # a union token it lacks), then merged like any row
     zero = torch.zeros(merged.shape[1]).double()
+    forced = {shared: zero, "</s>": rb["<s>"]}
     lent = {"<|tool|>": ra["</s>"]}
+
+    def placed(
+        tok: str, own: dict[str, torch.Tensor], other: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        if tok in forced:
+            return forced[tok]
+        if tok in own:
+            return own[tok]
+        return lent[tok] if tok in lent and own is ra else other[tok]
+
     means = [
-        sum((own[tok] if tok in own else lent.get(tok, zero) for tok in vu), zero) / len(vu)
-        for own in (ra, rb)
+        sum((placed(tok, own, other) for tok in vu), zero) / len(vu)
+        for own, other in ((ra, rb), (rb, ra))
     ]
     padding = 0.5 * means[0] + 0.5 * means[1]
     assert (merged[len(vu) :] - padding).abs().max() < 1e-6
