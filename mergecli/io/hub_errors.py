@@ -7,6 +7,14 @@ from huggingface_hub import errors as hub
 
 from mergecli.errors import NotFoundError
 
+try:  # huggingface_hub 1.x and later talk to the Hub through httpx (2.x: httpx2)
+    from httpx2 import TransportError
+except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
+    try:
+        from httpx import TransportError  # type: ignore[no-redef]
+    except ImportError:
+        TransportError = OSError  # type: ignore[misc, assignment]
+
 _HINTS: tuple[tuple[type[BaseException], str], ...] = (
     (hub.GatedRepoError, "accept the model's terms on the Hub and set HF_TOKEN"),
     (hub.RepositoryNotFoundError,
@@ -18,6 +26,8 @@ _HINTS: tuple[tuple[type[BaseException], str], ...] = (
     (hub.EntryNotFoundError, "the file is not in the repo at that revision"),
     (hub.OfflineModeIsEnabled, "unset HF_HUB_OFFLINE, or download the model once online"),
     (hub.HfHubHTTPError, "check the network and the repo id"),
+    (TransportError,
+     "cannot reach the Hub: check the network, or set HF_HUB_OFFLINE=1 to use the local cache"),
     (OSError, "check the network and the repo id"),
 )  # fmt: skip
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from mergecli.errors import CorruptFileError, NotFoundError
+from mergecli.errors import CorruptFileError, IncompatibleModelError, NotFoundError
 from mergecli.io.header import Header, HeaderEntry, read_header
 from mergecli.io.hub_errors import HUB_ERRORS, hub_error
 from mergecli.recipe.schema import ModelRef
@@ -179,10 +179,10 @@ def inside(label: str, root: Path, path: Path, filename: str) -> None:
 
 def looks_local(path: str) -> bool:
     """True for references that can only be paths (./x, ../x, /x, ~/x, Windows drives,
-    a `.safetensors` file)."""
+    a `.safetensors` or `.gguf` file)."""
     return (
         path.startswith(("/", "./", "../", "~", ".\\"))
-        or path.endswith(".safetensors")
+        or path.endswith((".safetensors", ".gguf"))
         or bool(re.match(r"^[A-Za-z]:[\\/]", path))
     )
 
@@ -196,6 +196,12 @@ def resolve_source(ref: ModelRef, recipe_dir: Path | None = None) -> ModelSource
     if recipe_dir is not None and not expanded.is_absolute():
         candidates.append(recipe_dir / expanded)
     for candidate in candidates:
+        if candidate.is_file() and candidate.suffix == ".gguf":
+            raise IncompatibleModelError(
+                f"{label}: GGUF files are not supported as inputs yet",
+                hint="convert it to safetensors first (transformers: `from_pretrained(folder, "
+                "gguf_file=...)`, then `save_pretrained`)",
+            )
         if candidate.is_file() and candidate.suffix == ".safetensors" and not ref.revision:
             return LocalSource(candidate.resolve().parent, label, only=candidate.name)
         if candidate.is_dir():

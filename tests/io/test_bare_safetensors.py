@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import invoke, write
+from conftest import invoke, run_subprocess, write
 
 
 def bare(tmp_path: Path, name: str, seed: int) -> Path:
@@ -150,3 +150,35 @@ def test_tensor_names_belongs_to_the_models_form(tmp_path: Path, runner: CliRunn
     code, _, err = invoke(runner, "validate", str(write(tmp_path / "r.yaml", text)))
     assert code == 2, err
     assert "`tensor_names: union` applies to the `models:` form (merged name for name)" in err
+
+
+def test_a_gguf_file_is_refused_with_the_way_out(tmp_path: Path, runner: CliRunner) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    bare(tmp_path, "a.safetensors", 1)
+    text = (
+        f"merge_method: linear\nparameters: {{weight: 1}}\nmodels:\n"
+        f"  - model: {tmp_path / 'm.gguf'}\n  - model: {tmp_path / 'a.safetensors'}\n"
+    )
+    code, _, err = invoke(runner, "validate", str(write(tmp_path / "r.yaml", text)))
+    assert code == 4, err
+    assert "m.gguf: GGUF files are not supported as inputs yet" in err
+    assert "gguf_file=" in err
+    text = "merge_method: linear\nparameters: {weight: 1}\nmodels:\n  - model: gone.gguf\n"
+    code, _, err = invoke(runner, "validate", str(write(tmp_path / "g.yaml", text)))
+    assert code == 3, err
+    assert "gone.gguf: local folder not found" in err
+
+
+def test_an_unreachable_hub_is_exit_3_not_an_internal_error(tmp_path: Path) -> None:
+    text = "merge_method: linear\nparameters: {weight: 1}\nmodels:\n  - model: org/model\n"
+    result = run_subprocess(
+        "validate",
+        str(write(tmp_path / "r.yaml", text)),
+        HF_HUB_OFFLINE="0",
+        HF_ENDPOINT="http://127.0.0.1:9",
+        HF_HUB_ETAG_TIMEOUT="2",
+    )
+    assert result.returncode == 3, result.stderr
+    assert "models[0].model: org/model:" in result.stderr
+    assert "cannot reach the Hub: check the network, or set HF_HUB_OFFLINE=1" in result.stderr
+    assert "internal error" not in result.stderr
