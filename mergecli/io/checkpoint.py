@@ -56,7 +56,7 @@ class ModelInfo:
     source: ModelSource
     config: dict[str, Any]
     tensors: dict[str, TensorInfo]
-    weight_format: Literal["safetensors", "bin", "memory"]
+    weight_format: Literal["safetensors", "bin", "gguf", "memory"]
 
     @property
     def total_bytes(self) -> int:
@@ -67,6 +67,11 @@ class ModelInfo:
 def load_model_info(source: ModelSource) -> ModelInfo:
     """Read config.json and the weight index/headers of `source` (no tensor data)."""
     files = set(source.files())
+    gguf = sorted(f for f in files if f.endswith(".gguf") and "/" not in f)
+    if len(gguf) == 1 and "config.json" not in files:
+        from mergecli.io.gguf_input import load_gguf_info
+
+        return load_gguf_info(source, gguf[0])
     safetensors = any(f.endswith(".safetensors") for f in files)
     if "config.json" not in files and not safetensors:
         raise NotFoundError(

@@ -75,6 +75,10 @@ class TensorReader:
                 path = model.source.local(filename)
                 if model.weight_format == "bin":
                     self._files[key] = load_bin(path, model.label)
+                elif model.weight_format == "gguf":
+                    from mergecli.io.gguf_input import GgufFile
+
+                    self._files[key] = GgufFile(path, model.label)
                 else:
                     self._files[key] = _SafetensorsFile(path)
             return self._files[key]
@@ -97,6 +101,9 @@ class TensorReader:
         opened = self._open(model, info.file)
         if model.weight_format == "bin":
             tensor = opened[name]
+            return tensor if rows is None else tensor[rows[0] : rows[1]]  # type: ignore[no-any-return]
+        if model.weight_format == "gguf":
+            tensor = opened.read(name)
             return tensor if rows is None else tensor[rows[0] : rows[1]]  # type: ignore[no-any-return]
         try:
             return opened.read(name, rows)  # type: ignore[no-any-return]

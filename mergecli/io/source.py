@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from mergecli.errors import CorruptFileError, IncompatibleModelError, NotFoundError
+from mergecli.errors import CorruptFileError, NotFoundError
 from mergecli.io.header import Header, HeaderEntry, read_header
 from mergecli.io.hub_errors import HUB_ERRORS, hub_error
 from mergecli.recipe.schema import ModelRef
@@ -196,13 +196,17 @@ def resolve_source(ref: ModelRef, recipe_dir: Path | None = None) -> ModelSource
     if recipe_dir is not None and not expanded.is_absolute():
         candidates.append(recipe_dir / expanded)
     for candidate in candidates:
-        if candidate.is_file() and candidate.suffix == ".gguf":
-            raise IncompatibleModelError(
-                f"{label}: GGUF files are not supported as inputs yet",
-                hint="convert it to safetensors first (transformers: `from_pretrained(folder, "
-                "gguf_file=...)`, then `save_pretrained`)",
-            )
-        if candidate.is_file() and candidate.suffix == ".safetensors" and not ref.revision:
+        if candidate.is_file() and candidate.suffix in (".safetensors", ".gguf"):
+            if ref.revision:
+                raise NotFoundError(
+                    f"{label}: a revision (@{ref.revision}) only applies to Hub models, "
+                    f"but {ref.path} is a local file",
+                    hint="remove the @revision",
+                )
+            if candidate.suffix == ".gguf":
+                from mergecli.io.gguf_input import GgufSource
+
+                return GgufSource(candidate.resolve(), label)
             return LocalSource(candidate.resolve().parent, label, only=candidate.name)
         if candidate.is_dir():
             if ref.revision:

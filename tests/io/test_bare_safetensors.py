@@ -152,7 +152,9 @@ def test_tensor_names_belongs_to_the_models_form(tmp_path: Path, runner: CliRunn
     assert "`tensor_names: union` applies to the `models:` form (merged name for name)" in err
 
 
-def test_a_gguf_file_is_refused_with_the_way_out(tmp_path: Path, runner: CliRunner) -> None:
+def test_a_gguf_path_is_local_and_a_truncated_one_is_refused(
+    tmp_path: Path, runner: CliRunner
+) -> None:
     (tmp_path / "m.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
     bare(tmp_path, "a.safetensors", 1)
     text = (
@@ -160,9 +162,8 @@ def test_a_gguf_file_is_refused_with_the_way_out(tmp_path: Path, runner: CliRunn
         f"  - model: {tmp_path / 'm.gguf'}\n  - model: {tmp_path / 'a.safetensors'}\n"
     )
     code, _, err = invoke(runner, "validate", str(write(tmp_path / "r.yaml", text)))
-    assert code == 4, err
-    assert "m.gguf: GGUF files are not supported as inputs yet" in err
-    assert "gguf_file=" in err
+    assert code == 3, err
+    assert "m.gguf is not a readable GGUF file" in err
     text = "merge_method: linear\nparameters: {weight: 1}\nmodels:\n  - model: gone.gguf\n"
     code, _, err = invoke(runner, "validate", str(write(tmp_path / "g.yaml", text)))
     assert code == 3, err
