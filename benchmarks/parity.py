@@ -227,6 +227,8 @@ def recipes(f: dict[str, Path]) -> dict[str, str]:
     two = f"  - model: {a}\n  - model: {b}\n"
     return {
         "linear": f"merge_method: linear\n{head}models:\n{weights}",
+        "linear-base": f"merge_method: linear\nbase_model: {base}\n{head}parameters: {{weight: 0.25}}\nmodels:\n{weights}",
+        "karcher-base": f"merge_method: karcher\nbase_model: {base}\n{head}models:\n{two}",
         "linear-normalize-false": f"merge_method: linear\n{head}parameters: {{normalize: false}}\nmodels:\n{weights}",
         "linear-gradient": f"merge_method: linear\n{head}models:\n  - model: {a}\n    parameters: {{weight: [0.0, 0.5, 1.0]}}\n  - model: {b}\n    parameters: {{weight: [1.0, 0.5, 0.0]}}\n",
         "linear-filters": f"merge_method: linear\n{head}models:\n  - model: {a}\n    parameters:\n      weight:\n        - filter: self_attn\n          value: 0.9\n        - value: 0.2\n  - model: {b}\n    parameters: {{weight: 0.5}}\n",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from mergecli.errors import Problem
 from mergecli.plan.inputs import Inputs, depth_of
-from mergecli.recipe.parts import Part, parts
+from mergecli.recipe.parts import Part, base_joins, parts
 from mergecli.recipe.schema import InputSlice
 from mergecli.recipe.settings import Parameters
 
@@ -56,6 +56,8 @@ def _part_groups(inputs: Inputs, part: Part) -> tuple[list[Group], list[Problem]
             for i, m in enumerate(part.models)
         ]
         base = inputs.index(recipe.base_model) if recipe.base_model else None
+        if base is not None and base_joins(recipe) and base not in {s.model for s in sources}:
+            sources.append(Source(base, 0, None, "base_model"))
         group = Group(
             tuple(sources), inputs.depth, None, base, f"{at}models", part.module, part.params
         )

@@ -12,7 +12,7 @@ from typing import Any
 from mergecli import methods
 from mergecli.errors import Problem
 from mergecli.methods.spec import MethodSpec
-from mergecli.recipe.parts import parts
+from mergecli.recipe.parts import base_joins, parts
 from mergecli.recipe.refs import dicts, model_refs, raw_parts
 from mergecli.recipe.schema import InputModel, InputSlice, ModelRef, OutputSlice, Recipe
 from mergecli.recipe.settings import Parameters, leaf_values
@@ -205,7 +205,18 @@ def _input_groups(recipe: Recipe) -> Iterator[_InputGroup]:
     for part in parts(recipe):
         at = part.prefix
         if part.models:
-            models = [(f"{at}models[{i}]", m) for i, m in enumerate(part.models)]
+            models: list[tuple[str, InputModel | InputSlice]] = [
+                (f"{at}models[{i}]", m) for i, m in enumerate(part.models)
+            ]
+            base = recipe.base_model
+            if (
+                base is not None
+                and base_joins(recipe)
+                and base not in {m.model for m in part.models}
+            ):
+                models.append(
+                    ("base_model", InputModel.model_construct(model=base, parameters=None))
+                )
             yield _InputGroup(f"{at}models", models, recipe.base_model, [part.params])
         for i, sl in enumerate(part.slices or []):
             sources = [(f"{at}slices[{i}].sources[{j}]", s) for j, s in enumerate(sl.sources)]
@@ -235,6 +246,9 @@ def _check_inputs(recipe: Recipe, spec: MethodSpec) -> Iterator[Problem]:
         for path, model in others:
             for param in spec.scoped("model"):
                 if param.required and not _has_value(param.name, [model.parameters, *above]):
+                    if path == "base_model":
+                        yield _base_without(spec, param.name)
+                        continue
                     yield Problem(
                         f"{path}.parameters",
                         f"missing required parameter `{param.name}` for model `{model.model}`",
@@ -248,6 +262,16 @@ def _check_inputs(recipe: Recipe, spec: MethodSpec) -> Iterator[Problem]:
                     f"missing required parameter `{param.name}` for method `{spec.name}`",
                     f"add `parameters: {{{param.name}: ...}}` ({param.description})",
                 )
+
+
+def _base_without(spec: MethodSpec, name: str) -> Problem:
+    return Problem(
+        "base_model",
+        f"`{spec.name}` merges the base_model as one more model (as mergekit does), "
+        f"and it has no `{name}`",
+        f"set `{name}` in the top-level `parameters:`, list the base under `models:` with "
+        f"its `{name}`, or remove `base_model` (`{spec.name}` does not need one)",
+    )
 
 
 def _count_message(spec: MethodSpec, count: int) -> str:

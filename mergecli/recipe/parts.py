@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mergecli import methods
 from mergecli.recipe.schema import InputModel, ModelRef, OutputSlice, Recipe
 from mergecli.recipe.settings import Parameters
 
@@ -38,3 +39,11 @@ def first_model(part: Part) -> ModelRef:
         return part.models[0].model
     assert part.slices
     return part.slices[0].sources[0].model
+
+
+def base_joins(recipe: Recipe) -> bool:
+    """True when the `base_model` of a `models:` recipe is merged as one more model: with
+    a method that takes no base (linear, karcher, ...), mergekit appends the base to the
+    models, with only the top-level parameters; passthrough takes one model, so not there."""
+    spec = methods.get(recipe.merge_method)
+    return spec is not None and not spec.uses_base and spec.max_models != 1
