@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -45,51 +44,6 @@ def nuslerp(args: MergeArgs) -> torch.Tensor:
         dim = 0 if args.params["nuslerp_row_wise"] else x.dim() - 1
     out = slerp_vectors(x, y, t, dim)
     return out + args.base if args.base is not None else out
-
-
-def _log_map(mean: torch.Tensor, unit: torch.Tensor, eps: float) -> torch.Tensor:
-    cos = float((unit @ mean).clamp(-1, 1))
-    v = unit - cos * mean
-    norm = float(v.norm())
-    return torch.zeros_like(mean) if norm < eps else (math.acos(cos) / norm) * v
-
-
-def _exp_map(mean: torch.Tensor, tangent: torch.Tensor, eps: float) -> torch.Tensor:
-    norm = float(tangent.norm())
-    return mean if norm < eps else math.cos(norm) * mean + (math.sin(norm) / norm) * tangent
-
-
-def spherical_mean(
-    vectors: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    iterations: int,
-    tol: float,
-    eps: float,
-) -> torch.Tensor:
-    """Weighted Frechet mean of vectors on the unit sphere, times their weighted mean norm.
-
-    Start at the normalised weighted mean of the unit vectors; each step averages the
-    log maps (tangent vectors) there and moves along the exponential map.
-    """
-    norms = [float(v.norm()) for v in vectors]
-    units = [v / n if n > eps else torch.zeros_like(v) for v, n in zip(vectors, norms)]
-    scale = float(sum(w * n for w, n in zip(weights, norms)))
-    mean: torch.Tensor = sum((w * u for w, u in zip(weights, units)), torch.zeros_like(units[0]))
-    if float(mean.norm()) < eps:
-        fallback: torch.Tensor = sum(
-            (w * v for w, v in zip(weights, vectors)), torch.zeros_like(vectors[0])
-        )
-        return fallback
-    mean = mean / mean.norm()
-    for _ in range(iterations):
-        tangent: torch.Tensor = sum(
-            (w * _log_map(mean, u, eps) for w, u in zip(weights, units)), torch.zeros_like(mean)
-        )
-        mean = _exp_map(mean, tangent, eps)
-        mean = mean / mean.norm()
-        if float(tangent.norm()) < tol:
-            break
-    return scale * mean
 
 
 def multislerp(args: MergeArgs) -> torch.Tensor:
@@ -141,11 +95,51 @@ def _tangent_mean(
 def karcher(args: MergeArgs) -> torch.Tensor:
     """Karcher mean of the inputs on the unit sphere (equal weights), scaled by the mean norm."""
     n = len(args.tensors)
+    if n == 1:
+        return args.tensors[0]
     vectors = [t.reshape(-1) for t in args.tensors]
     iterations, tol = int(args.params["max_iter"]), float(args.params["tol"])
-    return spherical_mean(vectors, [1.0 / n] * n, iterations, tol, 1e-12).reshape(
-        args.tensors[0].shape
-    )
+    return karcher_mean(vectors, [1.0 / n] * n, iterations, tol).reshape(args.tensors[0].shape)
+
+
+def karcher_mean(
+    vectors: Sequence[torch.Tensor], weights: Sequence[float], iterations: int, tol: float
+) -> torch.Tensor:
+    """The weighted Karcher mean as mergekit 0.1.5 computes it: inputs of norm <= tol leave
+    the mean (not its scale); start at the normalised weighted mean of the unit vectors (the
+    first unit vector if that vanishes); each step sums w_i theta_i / sin(theta_i) (u_i -
+    cos_i m) over the inputs at an angle theta_i >= tol, stops before moving once that
+    tangent is shorter than tol, else moves along the exponential map. Angles and norms are
+    taken in the inputs' dtype, as there (float32 rounding then matches entry for entry)."""
+    norms = [torch.linalg.vector_norm(v) for v in vectors]
+    valid = [i for i, norm in enumerate(norms) if float(norm) > tol]
+    if not valid:
+        return torch.zeros_like(vectors[0])
+    total = sum(weights[i] for i in valid)
+    alphas = [weights[i] / total for i in valid]
+    units = [vectors[i] / norms[i] for i in valid]
+    mean = torch.zeros_like(units[0])
+    for alpha, unit in zip(alphas, units):
+        mean += alpha * unit
+    size = torch.linalg.vector_norm(mean)
+    mean = units[0].clone() if float(size) < tol else mean / size
+    for _ in range(iterations):
+        tangent = torch.zeros_like(mean)
+        for alpha, unit in zip(alphas, units):
+            cos = torch.clamp(torch.dot(mean, unit), -1.0, 1.0)
+            theta = torch.arccos(cos)
+            if float(theta) >= tol:
+                tangent += alpha * (theta / torch.sin(theta)) * (unit - cos * mean)
+        length = torch.linalg.vector_norm(tangent)
+        if float(length) < tol:
+            break
+        mean = torch.cos(length) * mean + torch.sin(length) * (tangent / length)
+        unit_norm = torch.linalg.vector_norm(mean)
+        if float(unit_norm) > tol:
+            mean = mean / unit_norm
+    scale = sum(w * n for w, n in zip(weights, norms))
+    result: torch.Tensor = scale * mean
+    return result
 
 
 WEIGHT = ParamSpec("weight", "float", "model", "weight of this model", required=True)

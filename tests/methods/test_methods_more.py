@@ -325,3 +325,33 @@ def test_widen_matrix_and_vector() -> None:
     np.testing.assert_allclose(
         got_vec, vec_base + (np_calibrate(np_rank(np.abs(d)), 1.2, 0.9) * d).sum(axis=0), rtol=1e-10
     )
+
+
+def test_karcher_follows_mergekits_steps() -> None:
+    """mergekit 0.1.5's Karcher iteration, worked in float64 here: start at the normalised
+    mean of the unit vectors, one exponential-map step per iteration, the mean norm as the
+    scale; an input of norm <= `tol` leaves the direction but not the scale."""
+    vectors = [RNG.normal(size=12) + 1.0 for _ in range(3)]
+    vectors.append(vectors[0] * 3.0)  # same direction as the first: its unit vector repeats
+    norms = [np.linalg.norm(v) for v in vectors]
+    units = [v / n for v, n in zip(vectors, norms)]
+    mean = sum(units) / 4
+    mean /= np.linalg.norm(mean)
+    for _ in range(2):
+        tangent = np.zeros_like(mean)
+        for u in units:
+            cos = np.clip(mean @ u, -1, 1)
+            theta = np.arccos(cos)
+            tangent += theta / np.sin(theta) / 4 * (u - cos * mean)
+        size = np.linalg.norm(tangent)
+        mean = np.cos(size) * mean + np.sin(size) * tangent / size
+        mean /= np.linalg.norm(mean)
+    expected = np.mean(norms) * mean
+    got = run("karcher", vectors, None, [{}] * 4, max_iter=2, tol=1e-5)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)
+    # a tensor of norm <= tol leaves the mean but not the scale
+    small = [vectors[0], vectors[1], np.full(12, 1e-8)]
+    two = run("karcher", small, None, [{}] * 3, max_iter=50, tol=1e-5)
+    pair = run("karcher", small[:2], None, [{}] * 2, max_iter=50, tol=1e-5)
+    scale = sum(np.linalg.norm(v) for v in small) / 3
+    np.testing.assert_allclose(two, pair / np.linalg.norm(pair) * scale, rtol=1e-12)

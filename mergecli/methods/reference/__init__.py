@@ -17,7 +17,6 @@ from mergecli.methods.reference.geometry import (
     nearswap,
     nuslerp,
     slerp_flat,
-    spherical_mean,
 )
 from mergecli.methods.reference.kernels import (
     bernoulli_keep,
@@ -65,7 +64,6 @@ __all__ = [
     "ram",
     "sce",
     "slerp_flat",
-    "spherical_mean",
     "task_arithmetic",
     "ties",
     "ties_merge",

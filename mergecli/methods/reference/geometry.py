@@ -87,37 +87,6 @@ def _nu_slerp(a: Tensor, c: Tensor, t: float) -> Tensor:
     return (math.sin((1 - t) * theta) * a + math.sin(t * theta) * c) / math.sin(theta)
 
 
-def spherical_mean(
-    vectors: Sequence[Tensor], weights: Sequence[float], steps: int, tol: float, eps: float
-) -> Tensor:
-    """Weighted Frechet mean on the unit sphere by Riemannian gradient steps from the
-    normalised weighted mean of the unit vectors, times the weighted mean norm."""
-    norms = [float(v.norm()) for v in vectors]
-    units = [v / n if n > eps else torch.zeros_like(v) for v, n in zip(vectors, norms)]
-    mean = add_all(w * u for w, u in zip(weights, units))
-    if float(mean.norm()) < eps:
-        return add_all(w * v for w, v in zip(weights, vectors))
-    mean = mean / mean.norm()
-    for _ in range(steps):
-        tangent = add_all(w * _log(mean, u, eps) for w, u in zip(weights, units))
-        size = float(tangent.norm())
-        if size >= eps:
-            mean = math.cos(size) * mean + math.sin(size) * tangent / size
-        mean = mean / mean.norm()
-        if size < tol:
-            break
-    scale: float = sum(w * n for w, n in zip(weights, norms))
-    result: Tensor = scale * mean
-    return result
-
-
-def _log(mean: Tensor, unit: Tensor, eps: float) -> Tensor:
-    cos = max(-1.0, min(1.0, float((unit * mean).sum())))
-    direction = unit - cos * mean
-    size = float(direction.norm())
-    return torch.zeros_like(mean) if size < eps else math.acos(cos) * direction / size
-
-
 def multislerp(
     tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float], eps: float
 ) -> Tensor:
@@ -144,7 +113,31 @@ def multislerp(
 
 
 def karcher(tensors: Sequence[Tensor], max_iter: int, tol: float) -> Tensor:
-    """The Karcher mean of the inputs on the unit sphere, equal weights."""
-    n = len(tensors)
-    vectors = [t.reshape(-1) for t in tensors]
-    return spherical_mean(vectors, [1 / n] * n, max_iter, tol, 1e-12).reshape(tensors[0].shape)
+    """The Karcher mean of the inputs on the unit sphere, equal weights, by mergekit 0.1.5's
+    rules: inputs of norm <= tol leave the mean; inputs within angle tol of it leave a step;
+    stop before a step shorter than tol."""
+    if len(tensors) == 1:
+        return tensors[0]
+    flat = [t.reshape(-1) for t in tensors]
+    norms = [float(v.norm()) for v in flat]
+    scale = sum(norms) / len(flat)
+    kept = [v / n for v, n in zip(flat, norms) if n > tol]
+    if not kept:
+        return torch.zeros_like(tensors[0])
+    mean = add_all(kept) / len(kept)
+    mean = kept[0].clone() if float(mean.norm()) < tol else mean / mean.norm()
+    for _ in range(max_iter):
+        step = torch.zeros_like(mean)
+        for u in kept:
+            cos = max(-1.0, min(1.0, float((u * mean).sum())))
+            angle = math.acos(cos)
+            if angle >= tol:
+                step = step + angle / math.sin(angle) / len(kept) * (u - cos * mean)
+        size = float(step.norm())
+        if size < tol:
+            break
+        mean = math.cos(size) * mean + math.sin(size) * step / size
+        if float(mean.norm()) > tol:
+            mean = mean / mean.norm()
+    out: Tensor = (scale * mean).reshape(tensors[0].shape)
+    return out
