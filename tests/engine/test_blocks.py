@@ -250,3 +250,32 @@ def test_a_mask_unpacked_with_a_factor_scales_like_a_scalar_multiply(dtype: torc
     mask = unpack_bits(pack_bits(keep), 1001, factor, dtype)
     assert mask.dtype == dtype
     assert torch.equal(delta * mask, (delta * keep.to(dtype)).mul_(factor))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_few_distinct_magnitudes_select_as_a_stable_sort(seed: int) -> None:
+    """Task vectors of bf16 models take few distinct values: the threshold's bucket is dense
+    (its per-block counts kept sparse) and most blocks keep every entry at the threshold
+    (masked as |d| >= t, no search for the tied entries); one block keeps only some."""
+    g = torch.Generator().manual_seed(seed)
+    levels = torch.tensor([0.0, 1e-3, 1.5e-3, 2e-3, 2.5e-3, 3e-3]).bfloat16().float()
+    values = levels[torch.randint(0, len(levels), (40, 25), generator=g)]
+    signed = values * torch.where(torch.rand(40, 25, generator=g) < 0.5, -1.0, 1.0)
+    k = int(torch.randint(1, values.numel(), (1,), generator=g))
+    blocks = [(i, min(40, i + 7)) for i in range(0, 40, 7)]
+    selector = Selector(k, values.numel(), len(blocks))
+    for pass_no in (0, 1):
+        if pass_no == 1 and not selector.second_pass():
+            break
+        for j, (start, end) in enumerate(blocks):
+            selector.observe(pass_no, j, values[start:end])
+    chosen = [selector.selection(j) for j in range(len(blocks))]
+    flat = values.reshape(-1).tolist()
+    order = sorted(range(len(flat)), key=lambda i: (-flat[i], i))[:k]
+    expected = torch.zeros(len(flat), dtype=torch.bool)
+    expected[order] = True
+    masks = torch.cat([select_mask(values[s:e], c) for (s, e), c in zip(blocks, chosen)])
+    assert torch.equal(masks.reshape(-1), expected)
+    kept = torch.cat([keep_selected(signed[s:e], c) for (s, e), c in zip(blocks, chosen)])
+    assert torch.equal(kept.reshape(-1), signed.reshape(-1) * expected)
+    assert any(c.every_tie for c in chosen) or k == int((values > 0).sum())

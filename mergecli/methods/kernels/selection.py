@@ -28,6 +28,19 @@ class Selection:
     threshold: float
     equal: int
     keep: str = "some"  # "all" (k >= n) or "none" (k <= 0)
+    ties: int = -1  # entries of the block at the threshold (-1: not counted)
+
+    @property
+    def every_tie(self) -> bool:
+        """Whether the block keeps every entry at the threshold (then the mask is |d| >=
+        threshold, with no search for the tied entries)."""
+        return self.equal > 0 and self.equal == self.ties
+
+    @property
+    def below(self) -> float:
+        """The float32 just below the threshold: |d| > below is |d| >= threshold."""
+        value = torch.tensor(self.threshold, dtype=torch.float32)
+        return float(torch.nextafter(value, torch.tensor(-1.0)))
 
 
 def select_mask(magnitude: torch.Tensor, selection: Selection) -> torch.Tensor:
@@ -37,6 +50,8 @@ def select_mask(magnitude: torch.Tensor, selection: Selection) -> torch.Tensor:
     if selection.keep == "none":
         return torch.zeros_like(magnitude, dtype=torch.bool)
     flat = magnitude.reshape(-1)
+    if selection.every_tie:
+        return (flat >= selection.threshold).reshape(magnitude.shape)
     mask = flat > selection.threshold
     if selection.equal > 0:
         mask[tied_kept(flat, selection)] = True
@@ -91,6 +106,14 @@ class Selector:
         if pass_no == 0:
             self.high.add_(counts)
             self.zeros[block] = int(counts[0])
+        elif self._dense:
+            # the total now, and of this block only the offsets it has (a dense bucket's
+            # 65536 counts per block, kept for every block, were most of the peak memory)
+            if self._total is None:
+                self._total = torch.zeros(LOW_BUCKETS, dtype=torch.int64)
+            self._total.add_(counts)
+            present = torch.nonzero(counts).reshape(-1)
+            self.lows[block] = torch.stack([present, counts[present]])
         else:
             self.lows[block] = counts
 
@@ -139,20 +162,25 @@ class Selector:
             if self._total is None:
                 self._total = torch.zeros(LOW_BUCKETS, dtype=torch.int64)
                 for low in lows:
-                    self._total += (
-                        low if self._dense else torch.bincount(low, minlength=LOW_BUCKETS)
-                    )
+                    self._total += torch.bincount(low, minlength=LOW_BUCKETS)
             offset, greater_in_bucket = bucket_of(self._total, self.k - above)
             pattern = torch.tensor([_bucket_start(bucket) + offset], dtype=torch.int32)
             threshold = float(pattern.view(torch.float32)[0])
             missing -= greater_in_bucket
             if self._equal is None:
                 self._equal = [
-                    int(low[offset]) if self._dense else int((low == offset).sum()) for low in lows
+                    _count_at(low, offset) if self._dense else int((low == offset).sum())
+                    for low in lows
                 ]
             equal = self._equal
         before, here = sum(equal[:block]), equal[block]
-        return Selection(threshold, max(0, min(here, missing - before)))
+        return Selection(threshold, max(0, min(here, missing - before)), ties=here)
+
+
+def _count_at(low: torch.Tensor, offset: int) -> int:
+    """The count at `offset` of a block's (offsets, counts) pairs."""
+    hit = torch.nonzero(low[0] == offset).reshape(-1)
+    return int(low[1, hit[0]]) if hit.numel() else 0
 
 
 def zero_count(values: torch.Tensor) -> int:

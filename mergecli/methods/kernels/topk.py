@@ -62,6 +62,8 @@ def keep_selected(delta: torch.Tensor, selection: Selection) -> torch.Tensor:
     if selection.keep != "some":
         return delta * select_mask(delta, selection)
     # |d| > t kept, others 0, sign restored: three float passes, no boolean arithmetic
+    if selection.every_tie:
+        return torch.copysign(F.threshold(delta.abs(), selection.below, 0.0), delta)
     kept = torch.copysign(F.threshold(delta.abs(), selection.threshold, 0.0), delta)
     if selection.equal > 0:
         index = tied_kept(delta.abs(), selection)
