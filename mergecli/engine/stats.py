@@ -74,13 +74,24 @@ def block_selections(
             found.append([s.count(pass_no, magnitude) for s in wanted(pass_no, chosen)])
         return found
 
-    first = zeros(blocks[0])
+    first_deltas = list(deltas(blocks[0]))
+    first = [0 if d is None else zero_count(d) for d in first_deltas]
+    if len(blocks) > 1:  # the first block predicts where each threshold lies
+        for chosen, delta in zip(selectors, first_deltas):
+            if delta is not None:
+                magnitude = delta.abs()
+                for selector in chosen:
+                    selector.predict(magnitude)
+    del first_deltas
     if _looks_sparse(selectors, first, blocks[0], tensor):
         per_block = [first, *map_blocks(zeros, blocks[1:])]
         for i, chosen in enumerate(selectors):
             for selector in chosen:
                 selector.settle_zeros([z[i] for z in per_block])
     for pass_no in (0, 1):
+        if pass_no == 1:  # here, not on the counting threads: it may take pass 0's window
+            for selector in (s for c in selectors for s in c if 0 < s.k < s.numel):
+                selector.bucket_above()
         if not any(wanted(pass_no, c) for c in selectors):
             continue
         for j, found in enumerate(map_blocks(partial(count, pass_no), blocks)):

@@ -15,7 +15,7 @@ from conftest import sparse_tune, write
 from mergecli.cli._common import plan_recipe
 from mergecli.engine.blocks import row_blocks
 from mergecli.engine.run import run_plan
-from mergecli.methods.kernels.selection import Selector, select_mask
+from mergecli.methods.kernels.selection import Selection, Selector, select_mask
 from mergecli.methods.kernels.topk import keep_selected, kth_largest, top_k_mask
 
 
@@ -97,13 +97,8 @@ def test_blockwise_selection_equals_whole_tensor_top_k(data: st.DataObject) -> N
         sorted(set(data.draw(st.lists(st.integers(1, rows - 1), max_size=4)))) if rows > 1 else []
     )
     blocks = list(zip([0, *cuts], [*cuts, rows]))
-    selector = Selector(k, values.numel(), len(blocks))
-    for pass_no in (0, 1):
-        if pass_no == 1 and not selector.second_pass():
-            break
-        for j, (start, end) in enumerate(blocks):
-            selector.observe(pass_no, j, values[start:end])
-    chosen = [selector.selection(j) for j in range(len(blocks))]
+    chosen = _select(values, k, blocks, predict=False)
+    assert _select(values, k, blocks, predict=True) == chosen  # pass 0's window changes nothing
     masks = [select_mask(values[s:e], c) for (s, e), c in zip(blocks, chosen)]
     order = sorted(range(len(bits)), key=lambda i: (-bits[i], i))[:k]
     expected = torch.zeros(len(bits), dtype=torch.bool)
@@ -252,8 +247,25 @@ def test_a_mask_unpacked_with_a_factor_scales_like_a_scalar_multiply(dtype: torc
     assert torch.equal(delta * mask, (delta * keep.to(dtype)).mul_(factor))
 
 
+def _select(
+    values: torch.Tensor, k: int, blocks: list[tuple[int, int]], predict: bool
+) -> list[Selection]:
+    """Each block's selection, as the statistics pass finds it (with `predict`: pass 0's
+    window centred on the first block's k-th largest)."""
+    selector = Selector(k, values.numel(), len(blocks))
+    if predict:
+        selector.predict(values[blocks[0][0] : blocks[0][1]])
+    for pass_no in (0, 1):
+        if pass_no == 1 and not selector.second_pass():
+            break
+        for j, (start, end) in enumerate(blocks):
+            selector.observe(pass_no, j, values[start:end])
+    return [selector.selection(j) for j in range(len(blocks))]
+
+
+@pytest.mark.parametrize("predict", [False, True])
 @pytest.mark.parametrize("seed", range(6))
-def test_few_distinct_magnitudes_select_as_a_stable_sort(seed: int) -> None:
+def test_few_distinct_magnitudes_select_as_a_stable_sort(seed: int, predict: bool) -> None:
     """Task vectors of bf16 models take few distinct values: the threshold's bucket is dense
     (its per-block counts kept sparse) and most blocks keep every entry at the threshold
     (masked as |d| >= t, no search for the tied entries); one block keeps only some."""
@@ -263,13 +275,7 @@ def test_few_distinct_magnitudes_select_as_a_stable_sort(seed: int) -> None:
     signed = values * torch.where(torch.rand(40, 25, generator=g) < 0.5, -1.0, 1.0)
     k = int(torch.randint(1, values.numel(), (1,), generator=g))
     blocks = [(i, min(40, i + 7)) for i in range(0, 40, 7)]
-    selector = Selector(k, values.numel(), len(blocks))
-    for pass_no in (0, 1):
-        if pass_no == 1 and not selector.second_pass():
-            break
-        for j, (start, end) in enumerate(blocks):
-            selector.observe(pass_no, j, values[start:end])
-    chosen = [selector.selection(j) for j in range(len(blocks))]
+    chosen = _select(values, k, blocks, predict=predict)
     flat = values.reshape(-1).tolist()
     order = sorted(range(len(flat)), key=lambda i: (-flat[i], i))[:k]
     expected = torch.zeros(len(flat), dtype=torch.bool)
@@ -279,3 +285,17 @@ def test_few_distinct_magnitudes_select_as_a_stable_sort(seed: int) -> None:
     kept = torch.cat([keep_selected(signed[s:e], c) for (s, e), c in zip(blocks, chosen)])
     assert torch.equal(kept.reshape(-1), signed.reshape(-1) * expected)
     assert any(c.every_tie for c in chosen) or k == int((values > 0).sum())
+
+
+def test_a_good_prediction_saves_the_second_pass() -> None:
+    g = torch.Generator().manual_seed(1)
+    values = torch.randn(64, 512, generator=g).abs()
+    blocks = [(i, i + 8) for i in range(0, 64, 8)]
+    k = values.numel() // 3
+    selector = Selector(k, values.numel(), len(blocks))
+    selector.predict(values[:8])
+    for j, (start, end) in enumerate(blocks):
+        selector.observe(0, j, values[start:end])
+    assert not selector.second_pass()
+    threshold = selector.selection(0).threshold
+    assert threshold == float(values.reshape(-1).sort(descending=True).values[k - 1])

@@ -18,6 +18,7 @@ import torch
 
 HIGH_BUCKETS = 1 << 15
 LOW_BUCKETS = 1 << 16
+WINDOW = 3  # buckets pass 0 also counts pattern by pattern, around a predicted one
 DENSE_BUCKET = 1 / 8  # entries of a bucket holding more of them are counted, not gathered
 
 
@@ -69,10 +70,15 @@ class Selector:
     """Two passes over the same blocks: `count(0, m)` of every block, each given to
     `add(0, j, counts)`; then, if `second_pass()`, `count(1, m)` and `add(1, j, counts)` for
     every block; then `selection(j)` for block j. `count` only reads the selector, so blocks
-    can be counted on several threads; `add` is called by one thread.
+    can be counted on several threads; `add`, and `bucket_above` after pass 0, are called by
+    one thread.
 
     Bucket b >= 1 holds the bit patterns in [(b - 1) 2^16 + 1, b 2^16] and bucket 0 the
     zeros alone, so a threshold among the zeros (a sparse task vector) needs no second pass.
+
+    `predict(m)` before pass 0, with a sample of the tensor (its first block), makes pass 0
+    also count the patterns of the WINDOW buckets around the sample's k-th largest; when
+    the tensor's k-th largest falls inside them, the second pass is not needed.
     """
 
     def __init__(self, k: int, numel: int, blocks: int = 1) -> None:
@@ -84,6 +90,22 @@ class Selector:
         self._dense = False
         self._total: torch.Tensor | None = None
         self._equal: list[int] | None = None
+        self._window: int | None = None  # first bucket counted in pass 0
+        self._window_lows: list[torch.Tensor | None] = [None] * blocks
+        self._covered = False
+
+    def predict(self, sample: torch.Tensor) -> None:
+        """Centre pass 0's window on the k-th largest of `sample` (magnitudes of a part of
+        the tensor, scaled to its size); a bad guess costs the second pass, never a result."""
+        if not 0 < self.k < self.numel or sample.numel() == 0:
+            return
+        counts = torch.bincount(
+            _bucket_keys(sample.reshape(-1).view(torch.int32)), minlength=HIGH_BUCKETS
+        )
+        scaled = max(1, round(self.k * sample.numel() / self.numel))
+        guess = bucket_of(counts, min(scaled, sample.numel()))[0]
+        if guess != 0:
+            self._window = min(max(1, guess - WINDOW // 2), HIGH_BUCKETS - WINDOW)
 
     def count(self, pass_no: int, magnitude: torch.Tensor) -> torch.Tensor:
         """What pass `pass_no` learns from one block (non-negative float32 magnitudes): the
@@ -91,21 +113,27 @@ class Selector:
         the bucket is sparse) or their histogram (LOW_BUCKETS counts, when dense)."""
         bits = magnitude.reshape(-1).view(torch.int32)
         if pass_no == 0:
-            return torch.bincount(_bucket_keys(bits), minlength=HIGH_BUCKETS)
+            high = torch.bincount(_bucket_keys(bits), minlength=HIGH_BUCKETS)
+            if self._window is None:
+                return high
+            return torch.cat([high, _clamped_counts(bits, self._window, WINDOW * LOW_BUCKETS)])
         bucket = self.bucket_above()[0]
         start = _bucket_start(bucket)
         if not self._dense:
             return bits[_bucket_keys(bits) == bucket] - start
         # most entries are in the bucket: clamp those below into a bin before it and those
         # above into one after (gathering most entries costs several times a bincount)
-        keys = torch.sub(bits, start - 1).clamp_(0, LOW_BUCKETS + 1)
-        return torch.bincount(keys, minlength=LOW_BUCKETS + 2)[1 : LOW_BUCKETS + 1]
+        return _clamped_counts(bits, bucket, LOW_BUCKETS)
 
     def add(self, pass_no: int, block: int, counts: torch.Tensor) -> None:
         """Record block `block`'s histogram of pass `pass_no`."""
         if pass_no == 0:
-            self.high.add_(counts)
+            self.high.add_(counts[:HIGH_BUCKETS])
             self.zeros[block] = int(counts[0])
+            if counts.numel() > HIGH_BUCKETS:
+                window = counts[HIGH_BUCKETS:]
+                present = torch.nonzero(window).reshape(-1)
+                self._window_lows[block] = torch.stack([present, window[present]])
         elif self._dense:
             # the total now, and of this block only the offsets it has (a dense bucket's
             # 65536 counts per block, kept for every block, were most of the peak memory)
@@ -141,11 +169,28 @@ class Selector:
         if self._bucket is None:
             self._bucket = bucket_of(self.high, self.k)
             self._dense = int(self.high[self._bucket[0]]) > DENSE_BUCKET * self.numel
+            self._take_window(self._bucket[0])
         return self._bucket
+
+    def _take_window(self, bucket: int) -> None:
+        """When pass 0's window holds `bucket`, its counts are the second pass's."""
+        start, found = self._window, self._window_lows
+        self._window_lows = []
+        if start is None or not start <= bucket < start + WINDOW or bucket == 0:
+            return
+        low, high = (bucket - start) * LOW_BUCKETS, (bucket - start + 1) * LOW_BUCKETS
+        self._total = torch.zeros(LOW_BUCKETS, dtype=torch.int64)
+        for block, pairs in enumerate(found):
+            assert pairs is not None, "pass 0 counts every block"
+            inside = pairs[:, (pairs[0] >= low) & (pairs[0] < high)]
+            inside[0] -= low
+            self._total.index_add_(0, inside[0], inside[1])
+            self.lows[block] = inside
+        self._dense = self._covered = True  # lows are (offset, count) pairs, as when dense
 
     def second_pass(self) -> bool:
         """Whether the k-th largest entry needs the second pass (after pass 0)."""
-        return 0 < self.k < self.numel and self.bucket_above()[0] != 0
+        return 0 < self.k < self.numel and self.bucket_above()[0] != 0 and not self._covered
 
     def selection(self, block: int) -> Selection:
         """What block `block` keeps (after both passes)."""
@@ -175,6 +220,14 @@ class Selector:
             equal = self._equal
         before, here = sum(equal[:block]), equal[block]
         return Selection(threshold, max(0, min(here, missing - before)), ties=here)
+
+
+def _clamped_counts(bits: torch.Tensor, bucket: int, bins: int) -> torch.Tensor:
+    """Counts of the `bins` bit patterns from bucket `bucket`'s first one; patterns below
+    and above are clamped into two extra bins and dropped (one bincount over all entries
+    costs less than gathering the ones inside)."""
+    keys = torch.sub(bits, _bucket_start(bucket) - 1).clamp_(0, bins + 1)
+    return torch.bincount(keys, minlength=bins + 2)[1 : bins + 1]
 
 
 def _count_at(low: torch.Tensor, offset: int) -> int:
