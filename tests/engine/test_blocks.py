@@ -299,3 +299,18 @@ def test_a_good_prediction_saves_the_second_pass() -> None:
     assert not selector.second_pass()
     threshold = selector.selection(0).threshold
     assert threshold == float(values.reshape(-1).sort(descending=True).values[k - 1])
+
+
+def test_a_window_with_too_many_patterns_falls_back_to_the_second_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mergecli.methods.kernels import selection
+
+    monkeypatch.setattr(selection, "WINDOW_PAIRS", 3)
+    g = torch.Generator().manual_seed(2)
+    values = torch.randn(64, 512, generator=g).abs()
+    blocks = [(i, i + 8) for i in range(0, 64, 8)]
+    k = values.numel() // 3
+    predicted = _select(values, k, blocks, predict=True)
+    assert predicted == _select(values, k, blocks, predict=False)
+    assert predicted[0].threshold == float(values.reshape(-1).sort(descending=True).values[k - 1])

@@ -19,6 +19,7 @@ import torch
 HIGH_BUCKETS = 1 << 15
 LOW_BUCKETS = 1 << 16
 WINDOW = 3  # buckets pass 0 also counts pattern by pattern, around a predicted one
+WINDOW_PAIRS = 4096  # distinct patterns of the window a block may keep (32 KB)
 DENSE_BUCKET = 1 / 8  # entries of a bucket holding more of them are counted, not gathered
 
 
@@ -130,18 +131,19 @@ class Selector:
         if pass_no == 0:
             self.high.add_(counts[:HIGH_BUCKETS])
             self.zeros[block] = int(counts[0])
-            if counts.numel() > HIGH_BUCKETS:
-                window = counts[HIGH_BUCKETS:]
-                present = torch.nonzero(window).reshape(-1)
-                self._window_lows[block] = torch.stack([present, window[present]])
+            if counts.numel() > HIGH_BUCKETS and self._window is not None:
+                pairs = _pairs(counts[HIGH_BUCKETS:])
+                if pairs.shape[1] > WINDOW_PAIRS:  # too many patterns to keep per block:
+                    self._window, self._window_lows = None, []  # the second pass instead
+                else:
+                    self._window_lows[block] = pairs
         elif self._dense:
             # the total now, and of this block only the offsets it has (a dense bucket's
             # 65536 counts per block, kept for every block, were most of the peak memory)
             if self._total is None:
                 self._total = torch.zeros(LOW_BUCKETS, dtype=torch.int64)
             self._total.add_(counts)
-            present = torch.nonzero(counts).reshape(-1)
-            self.lows[block] = torch.stack([present, counts[present]])
+            self.lows[block] = _pairs(counts)
         else:
             self.lows[block] = counts
 
@@ -184,7 +186,7 @@ class Selector:
             assert pairs is not None, "pass 0 counts every block"
             inside = pairs[:, (pairs[0] >= low) & (pairs[0] < high)]
             inside[0] -= low
-            self._total.index_add_(0, inside[0], inside[1])
+            self._total.index_add_(0, inside[0].long(), inside[1].long())
             self.lows[block] = inside
         self._dense = self._covered = True  # lows are (offset, count) pairs, as when dense
 
@@ -228,6 +230,12 @@ def _clamped_counts(bits: torch.Tensor, bucket: int, bins: int) -> torch.Tensor:
     costs less than gathering the ones inside)."""
     keys = torch.sub(bits, _bucket_start(bucket) - 1).clamp_(0, bins + 1)
     return torch.bincount(keys, minlength=bins + 2)[1 : bins + 1]
+
+
+def _pairs(counts: torch.Tensor) -> torch.Tensor:
+    """The nonzero bins of a histogram as int32 (offset, count) pairs."""
+    present = torch.nonzero(counts).reshape(-1)
+    return torch.stack([present, counts[present]]).to(torch.int32)
 
 
 def _count_at(low: torch.Tensor, offset: int) -> int:
