@@ -199,6 +199,7 @@ def main() -> None:
             "mergecli_s": wall,
             "mergecli_rss": rss,
             "walls": {key: [w for w, _ in timings] for key, timings in runs.items()},
+            "peaks": {key: [r for _, r in timings] for key, timings in runs.items()},
         }
         if mergekit:
             entry["mergekit_s"], entry["mergekit_rss"] = summary(runs["mergekit"])
