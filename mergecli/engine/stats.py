@@ -62,7 +62,7 @@ def block_selections(
             yield read(ref.model, ref.name, rows).sub_(base) if chosen else None
 
     def zeros(rows: tuple[int, int] | None) -> list[int]:
-        return [0 if d is None else zero_count(d) for d in deltas(rows)]
+        return _zero_counts(deltas(rows))
 
     def count(pass_no: int, rows: tuple[int, int] | None) -> list[list[torch.Tensor]]:
         found: list[list[torch.Tensor]] = []
@@ -75,7 +75,7 @@ def block_selections(
         return found
 
     first_deltas = list(deltas(blocks[0]))
-    first = [0 if d is None else zero_count(d) for d in first_deltas]
+    first = _zero_counts(first_deltas)
     if len(blocks) > 1:  # the first block predicts where each threshold lies
         for chosen, delta in zip(selectors, first_deltas):
             if delta is not None:
@@ -102,6 +102,11 @@ def block_selections(
         rows: [[s.selection(j) for s in chosen] for chosen in selectors]
         for j, rows in enumerate(blocks)
     }
+
+
+def _zero_counts(deltas: Iterable[torch.Tensor | None]) -> list[int]:
+    """Each task vector's count of zero entries (0 for a model without a selection)."""
+    return [0 if d is None else zero_count(d) for d in deltas]
 
 
 def _looks_sparse(

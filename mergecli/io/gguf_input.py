@@ -14,8 +14,8 @@ import atexit
 import logging
 import shutil
 import tempfile
-import threading
 from dataclasses import dataclass, field
+from functools import lru_cache
 from importlib import import_module
 from pathlib import Path
 from typing import Any
@@ -132,7 +132,6 @@ class GgufFile:
                 f"{label}: none of the GGUF file's tensors map to the model's parameters",
                 hint=_CONVERT_HINT,
             )
-        self.lock = threading.Lock()
 
     def dtype_of(self, name: str) -> str:
         """The dtype a tensor is handed out in: F16/BF16 as stored, float32 otherwise."""
@@ -167,6 +166,19 @@ class GgufFile:
             )
         target = {"F16": torch.float16, "BF16": torch.bfloat16}.get(self.dtype_of(name))
         return tensor if target is None else tensor.to(target)
+
+
+def open_gguf(path: Path, label: str) -> GgufFile:
+    """The GGUF file at `path`, parsed once for planning and reading alike (its metadata,
+    the meta-device model and the name map are not rebuilt when the run opens it); a file
+    changed since is parsed again."""
+    stat = path.stat()
+    return _open_cached(path, label, stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=8)
+def _open_cached(path: Path, label: str, mtime_ns: int, size: int) -> GgufFile:
+    return GgufFile(path, label)
 
 
 def _interpret(
@@ -213,7 +225,7 @@ def _interpret(
 
 def load_gguf_info(source: ModelSource, filename: str) -> ModelInfo:
     """The ModelInfo of a GGUF file (config from its metadata, tensors under HF names)."""
-    opened = GgufFile(source.local(filename), source.label)
+    opened = open_gguf(source.local(filename), source.label)
     supported = _supported_types(_gguf())
     tensors: dict[str, TensorInfo] = {}
     for name, entry in opened.tensors.items():

@@ -76,9 +76,9 @@ class TensorReader:
                 if model.weight_format == "bin":
                     self._files[key] = load_bin(path, model.label)
                 elif model.weight_format == "gguf":
-                    from mergecli.io.gguf_input import GgufFile
+                    from mergecli.io.gguf_input import open_gguf
 
-                    self._files[key] = GgufFile(path, model.label)
+                    self._files[key] = open_gguf(path, model.label)
                 else:
                     self._files[key] = _SafetensorsFile(path)
             return self._files[key]
