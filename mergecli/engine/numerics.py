@@ -31,9 +31,10 @@ def check_unvouched(
     sums (`MethodSpec.sums`) run over every entry of its tensor and of the base, so when
     they are finite so are those inputs (a NaN or Inf entry makes them NaN or Inf). Every
     other input, or all of them when a sum is not finite (finite inputs can overflow one),
-    is checked entry by entry."""
+    is checked entry by entry (all of them for a method whose sums are counts)."""
     models = len(refs) - has_base
-    present = [i for i in range(min(models, len(sums))) if sums[i]]
+    vouching = plan.method.sums_vouch
+    present = [i for i in range(min(models, len(sums))) if sums[i] and vouching]
     finite = all(math.isfinite(x) for i in present for rows in sums[i] for x in rows)
     vouched = set(present) if finite else set()
     if has_base and vouched:

@@ -171,7 +171,9 @@ class _Output:
         if done.clamped:
             self.clamped[tensor.name] = self.clamped.get(tensor.name, 0) + done.clamped
         for i, mask in enumerate(done.masks):
-            self.masks.write(f"{tensor.name}:task{i}", pack_mask(mask))  # type: ignore[union-attr]
+            packed = pack_mask(mask)
+            offset = 0 if job.rows is None else job.rows[0] * (packed.numel() // packed.shape[0])
+            self.masks.write(f"{tensor.name}:task{i}", packed, offset)  # type: ignore[union-attr]
         if job.final and self.last[tensor.shard] == job.index:
             digest = self.writer.finish_shard(tensor.shard)
             name = self.plan.shard_names[tensor.shard]

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from mergecli.methods.spec import MergeArgs, MethodSpec, ParamSpec
+from mergecli.methods.kernels.sums import row_sums
+from mergecli.methods.spec import BlockSums, MergeArgs, MethodSpec, ParamSpec
 
 PAPER = "https://arxiv.org/abs/2601.13572"
 
@@ -34,13 +35,13 @@ def ram(args: MergeArgs) -> torch.Tensor:
 
 
 def ramplus_tl(args: MergeArgs) -> torch.Tensor:
-    """RAM with each model's unique entries scaled by its lambda_i (see the module doc)."""
+    """RAM with each model's unique entries scaled by its lambda_i (see the module doc); the
+    counts of shared and unique entries are over the whole tensor (`_ramplus_counts`)."""
     assert args.base is not None
     deltas, active, count = _active(args)
     unique, shared = active & (count == 1), active & (count > 1)
-    dims = tuple(range(1, deltas.dim()))
-    n_shared = shared.sum(dim=dims).to(deltas.dtype)
-    n_unique = unique.sum(dim=dims).to(deltas.dtype)
+    counts = torch.tensor(args.whole.sums, dtype=torch.float64).reshape(-1, 2)
+    n_shared, n_unique = counts[:, 0].to(deltas.dtype), counts[:, 1].to(deltas.dtype)
     epsilon = float(args.params["epsilon"])
     rho = n_shared / n_unique.clamp(min=epsilon)
     lam = 1 + float(args.params["r"]) * rho.clamp(min=0, max=float(args.params["alpha"]))
@@ -49,6 +50,14 @@ def ramplus_tl(args: MergeArgs) -> torch.Tensor:
         min=1
     )
     return args.base + merged
+
+
+def _ramplus_counts(args: MergeArgs) -> BlockSums:
+    """Per model, per-row counts of its shared and of its unique active entries (exact:
+    whole numbers in float64)."""
+    _, active, count = _active(args)
+    unique, shared = active & (count == 1), active & (count > 1)
+    return BlockSums([[row_sums(s.double()), row_sums(u.double())] for s, u in zip(shared, unique)])
 
 
 EPSILON = ParamSpec(
@@ -88,5 +97,7 @@ SPECS = (
         ),
         needs_base=True,
         paper=PAPER,
+        sums=_ramplus_counts,
+        sums_vouch=False,
     ),
 )

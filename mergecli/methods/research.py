@@ -184,6 +184,7 @@ SPECS = (
         paper="https://arxiv.org/abs/2405.07813",
         masks=tall_masks,
         check=_mask_folder_check,
+        elementwise=True,
     ),
     MethodSpec(
         "tsv",

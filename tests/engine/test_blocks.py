@@ -32,6 +32,8 @@ from mergecli.methods.kernels.topk import keep_selected, kth_largest, top_k_mask
         ("slerp", "base_model: {base}\nparameters: {{t: [0, 0.3, 1]}}\n"),
         ("dare_ties", "base_model: {base}\nseed: 3\nparameters: {{density: 0.4}}\n"),
         ("dare_linear", "base_model: {base}\nparameters: {{density: 0.6, rescale_mode: l1}}\n"),
+        ("consensus", "base_model: {base}\nparameters: {{k: 1, save_masks: tall}}\n"),
+        ("ramplus_tl", "base_model: {base}\nparameters: {{epsilon: 0.01, r: 0.5}}\n"),
     ],
 )
 def test_blocks_are_byte_identical(
