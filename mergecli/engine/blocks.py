@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mergecli.engine.inputs import work_dtype
+from mergecli.methods.kernels import bernoulli
 from mergecli.plan.types import MergePlan, TensorPlan
 
 BLOCK_ELEMENTS = 1 << 19
@@ -30,5 +33,17 @@ def row_blocks(
     ):
         return [None]
     rows = tensor.shape[0]
-    step = max(1, block_elements // tensor.row_numel)
+    unit = _aligned_rows(plan, tensor) if not tensor.copy else 1
+    step = max(unit, block_elements // tensor.row_numel // unit * unit)
+    if unit > 1 and step >= rows:
+        return [None]
     return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
+def _aligned_rows(plan: MergePlan, tensor: TensorPlan) -> int:
+    """The fewest rows whose entries are a multiple of the method's draw chunk (1 row for
+    methods that need no alignment)."""
+    if not plan.method.chunk_aligned:
+        return 1
+    chunk = bernoulli.DRAW_CHUNK
+    return chunk // math.gcd(chunk, tensor.row_numel)

@@ -42,14 +42,10 @@ def magprune_probabilities(delta: torch.Tensor, density: float, epsilon: float) 
 
 
 def magprune(
-    delta: torch.Tensor, probs: torch.Tensor, keep: torch.Tensor, rescale: bool, mode: str
+    delta: torch.Tensor, probs: torch.Tensor, keep: torch.Tensor, rescale: bool
 ) -> torch.Tensor:
     """DELLA MagPrune: the entries of `delta` drawn to be kept (`keep`, drawn with
-    `probs` from `magprune_probabilities`), rescaled by L1 norm or by 1/p per entry."""
+    `probs` from `magprune_probabilities`), rescaled by 1/p per entry (the L1 rescale is
+    the task-vector methods' `_della`, from whole-tensor norms)."""
     kept = delta * keep.reshape(delta.shape).to(delta.device, delta.dtype)
-    if not rescale:
-        return kept
-    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(-1, delta.shape[-1])
-    if mode == "l1":
-        return rescale_l1(rows, kept.reshape(rows.shape)).reshape(delta.shape)
-    return kept.div_(probs.to(delta.device, delta.dtype))
+    return kept.div_(probs.to(delta.device, delta.dtype)) if rescale else kept

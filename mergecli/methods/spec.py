@@ -166,6 +166,8 @@ class MethodSpec:
     # entry of its tensor and of the base: finite sums vouch that those inputs are finite
     kept_bits: bool = False  # `sums` keeps a bit per entry and input for the merge pass
     sums_vouch: bool = True  # a NaN/Inf input makes `sums` non-finite (counts do not)
+    chunk_aligned: bool = False  # row blocks start at a multiple of the draw chunk
+    # (`kernels.bernoulli.DRAW_CHUNK`): draws with one probability per entry need it
     peak_copies: float = 5.0  # float32 copies per input at peak, heap slack included;
     # fitted per method on the 0.5b workload with 1M-entry blocks (benchmarks/RESULTS.md:
     # linear and task arithmetic 5, TIES 8, DARE 11.5, slerp 15) and checked on the 1.5b one

@@ -142,12 +142,48 @@ def _breadcrumbs_counts(
 def _della(args: MergeArgs, i: int, delta: torch.Tensor) -> torch.Tensor:
     if delta.numel() == 0:
         return delta  # no entry to rank or draw
-    density = float(args.per_model[i]["density"])
-    probs = magprune_probabilities(delta, density, float(args.per_model[i]["epsilon"]))
-    keep = bernoulli_keep(delta.numel(), 0, args.seed, args.name, i, probs.cpu().numpy())
+    sums, kept_bits = args.whole.sums, args.whole.kept
+    packed = kept_bits[i] if kept_bits else None
+    if packed is not None and sums[i]:  # the L1 rescale, with the statistics pass's draws
+        mask = unpack_bits(packed, delta.numel(), l1_factor((sums[i][0], sums[i][1])), delta.dtype)
+        return dare_keep(delta, mask, in_place=True)
+    probs, keep = _magprune_draws(args, i, delta)
     rescale = bool(args.params["rescale"])
-    mode = str(args.params["rescale_mode"])
-    return magprune(delta, probs, torch.from_numpy(keep), rescale, mode)
+    return magprune(delta, probs, torch.from_numpy(keep), rescale)
+
+
+def _magprune_draws(
+    args: MergeArgs, i: int, delta: torch.Tensor
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Model i's MagPrune keep probabilities (ranked per row) and keep draws for `delta`."""
+    density, epsilon = float(args.per_model[i]["density"]), float(args.per_model[i]["epsilon"])
+    probs = magprune_probabilities(delta, density, epsilon)
+    keep = bernoulli_keep(delta.numel(), args.offset, args.seed, args.name, i, probs.cpu().numpy())
+    return probs, keep
+
+
+def _della_sums(args: MergeArgs) -> BlockSums:
+    """For the L1 rescale: per model, per-row L1 norms of its task vector and of the entries
+    MagPrune keeps in this block, and the keep bits (drawn here once, reused by the merge)."""
+    assert args.base is not None
+    n = len(args.tensors)
+    if not (bool(args.params["rescale"]) and args.params["rescale_mode"] == "l1"):
+        return BlockSums([[] for _ in range(n)], [None] * n)
+    sums: list[list[torch.Tensor]] = []
+    kept: list[torch.Tensor | None] = []
+    for i, tensor in enumerate(args.tensors):
+        delta = tensor - args.base
+        if delta.numel() == 0:  # no entry to rank or draw
+            sums.append([])
+            kept.append(None)
+            continue
+        _, keep = _magprune_draws(args, i, delta)
+        work = delta.dtype
+        mask = _float_mask(keep).reshape(delta.shape).to(delta.device, work)
+        magnitude = delta.abs_()
+        sums.append([row_sums(magnitude, work), row_sums(magnitude.mul_(mask), work)])
+        kept.append(pack_bits(torch.from_numpy(keep)))
+    return BlockSums(sums, kept)
 
 
 def _method(sparsify: Sparsify, elect: bool) -> Callable[[MergeArgs], torch.Tensor]:
@@ -353,6 +389,9 @@ SPECS = (
         random=True,
         paper=DELLA_PAPER,
         check=_della_check,
+        sums=_della_sums,
+        kept_bits=True,
+        chunk_aligned=True,
     ),
     MethodSpec(
         "della_linear",
@@ -363,6 +402,9 @@ SPECS = (
         random=True,
         paper=DELLA_PAPER,
         check=_della_check,
+        sums=_della_sums,
+        kept_bits=True,
+        chunk_aligned=True,
     ),
     MethodSpec(
         "sce",

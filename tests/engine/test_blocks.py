@@ -15,6 +15,7 @@ from conftest import sparse_tune, write
 from mergecli.cli._common import plan_recipe
 from mergecli.engine.blocks import row_blocks
 from mergecli.engine.run import run_plan
+from mergecli.methods.kernels import bernoulli
 from mergecli.methods.kernels.selection import Selection, Selector, select_mask
 from mergecli.methods.kernels.topk import keep_selected, kth_largest, top_k_mask
 
@@ -55,11 +56,41 @@ def test_blocks_are_byte_identical(
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "blocks" / name).read_bytes()
 
 
-def test_methods_with_global_draws_are_not_blocked(family: dict[str, Path], tmp_path: Path) -> None:
-    text = f"merge_method: della\nbase_model: {family['base']}\nmodels:\n  - model: {family['a']}\n    parameters: {{weight: 1, density: 0.5}}\n"
+@pytest.mark.parametrize("mode", ["l1", "inverse_density"])
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_blocks_start_at_draw_chunks_and_are_byte_identical(
+    family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, mode: str
+) -> None:
+    monkeypatch.setattr(bernoulli, "DRAW_CHUNK", 64)  # the family's tensors hold a few chunks
+    text = (
+        f"merge_method: {method}\nseed: 5\nbase_model: {family['base']}\n"
+        f"parameters: {{rescale_mode: {mode}}}\nmodels:\n"
+        f"  - model: {family['a']}\n    parameters: {{weight: 0.6, density: 0.5, epsilon: 0.2}}\n"
+        f"  - model: {family['b']}\n    parameters: {{weight: 0.4, density: 0.7}}\n"
+    )
     plan = plan_recipe(write(tmp_path / "r.yaml", text))
     embed = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
-    assert row_blocks(plan, embed, 100) == [None]
+    blocks = row_blocks(plan, embed, 100)
+    step = 64 // math.gcd(64, embed.row_numel)
+    assert len(blocks) > 2 and all(b is not None and b[0] % step == 0 for b in blocks)
+    whole = run_plan(plan, tmp_path / "whole", text, reproducible=True, block_elements=1 << 30)
+    cut = run_plan(plan, tmp_path / "blocks", text, reproducible=True, block_elements=100)
+    assert whole.files == cut.files
+
+
+def test_per_entry_draws_of_a_chunk_aligned_block_equal_the_whole_tensors() -> None:
+    chunk = bernoulli.DRAW_CHUNK
+    numel = 3 * chunk + 1000
+    probs = np.random.default_rng(0).uniform(0.2, 0.9, numel)
+    probs[:50] = 77 / 256  # ties on the first byte draw more bits
+    whole = bernoulli.bernoulli_keep(numel, 0, 4, "t", 1, probs)
+    for start in range(0, numel, chunk):
+        part = bernoulli.bernoulli_keep(
+            min(chunk, numel - start), start, 4, "t", 1, probs[start : start + chunk]
+        )
+        assert np.array_equal(part, whole[start : start + chunk])
+    with pytest.raises(ValueError, match="from a chunk's first entry only"):
+        bernoulli.bernoulli_keep(10, 5, 4, "t", 1, probs[:10])
 
 
 @settings(max_examples=200, deadline=None)
@@ -137,7 +168,7 @@ def test_random_draws_of_a_block_equal_the_whole_tensors_draws() -> None:
         assert (got == whole[offset : offset + count]).all()
     assert not (bernoulli_keep(100, 0, 1, "t", 3, 0.37) == whole[:100]).all()
     assert bernoulli_keep(0, 9, 1, "t", 2, 0.37).size == 0
-    with pytest.raises(ValueError, match="whole tensor"):
+    with pytest.raises(ValueError, match="from a chunk's first entry only"):
         bernoulli_keep(4, 8, 1, "t", 2, np.full(4, 0.5))
 
 

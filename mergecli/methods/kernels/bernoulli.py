@@ -36,7 +36,8 @@ def bernoulli_keep(
     count: int, offset: int, seed: int, name: str, model: int, probability: float | np.ndarray
 ) -> np.ndarray:
     """Exact Bernoulli draws, True with probability `probability` (a float, or one per
-    entry from offset 0), for the flat entries [offset, offset + count) of tensor `name`.
+    entry, then `offset` a multiple of DRAW_CHUNK), for the flat entries
+    [offset, offset + count) of tensor `name`.
 
     Each entry compares a uniform U with p one byte at a time: its first byte b decides
     b < floor(256 p) (keep) or b > floor(256 p) (drop); only on a tie (1 in 256) are more
@@ -79,8 +80,8 @@ def _first_bytes(
         # with no rest a tie is a drop: no need to find the ties
         ties = np.flatnonzero(draws == byte) if rest > 0 else np.zeros(0, dtype=np.int64)
         return draws < byte, ties, np.full(ties.size, rest)
-    if offset != 0:
-        raise ValueError("per-entry probabilities are drawn for a whole tensor only")
+    if offset % DRAW_CHUNK:
+        raise ValueError("per-entry probabilities are drawn from a chunk's first entry only")
     padded = np.pad(scaled.reshape(-1), (0, draws.size - count))
     levels = np.floor(padded)
     ties = np.flatnonzero(draws == levels)
