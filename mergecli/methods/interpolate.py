@@ -66,9 +66,9 @@ def arcee_fusion(args: MergeArgs) -> torch.Tensor:
     return a + (c - a) * (importance >= median + 1.5 * iqr)
 
 
-def _cosines(deltas: list[torch.Tensor], dim: int | None) -> torch.Tensor:
-    """Mean pairwise cosine similarity (whole tensor, or per row with dim=-1)."""
-    flat = [d.reshape(-1) if dim is None else d.reshape(d.shape[0], -1) for d in deltas]
+def _cosines(deltas: list[torch.Tensor]) -> torch.Tensor:
+    """Mean pairwise cosine similarity of each row (the angle of `filter_wise`)."""
+    flat = [d.reshape(d.shape[0], -1) for d in deltas]
     sims = []
     for i in range(len(flat)):
         for j in range(i + 1, len(flat)):
@@ -76,20 +76,54 @@ def _cosines(deltas: list[torch.Tensor], dim: int | None) -> torch.Tensor:
     return torch.stack(sims).mean(0)
 
 
+def _mean_cosine(sums: list[list[float]]) -> float:
+    """Mean pairwise cosine of whole task vectors from `_stock_sums`' totals: model i's
+    |d_i|^2, then d_i . d_j for j > i (cosine_similarity's eps of 1e-8 on the norms)."""
+    n = len(sums)
+    cosines = [
+        sums[i][j - i] / max(math.sqrt(sums[i][0] * sums[j][0]), 1e-8)
+        for i in range(n)
+        for j in range(i + 1, n)
+    ]
+    return math.fsum(cosines) / len(cosines)
+
+
+def _row_wise(args: MergeArgs) -> bool:
+    assert args.base is not None
+    return bool(args.params["filter_wise"]) and args.base.dim() >= 2
+
+
 def model_stock(args: MergeArgs) -> torch.Tensor:
-    """t = n c / (1 + (n - 1) c) from the mean pairwise cosine c of the task vectors;
-    result t * mean(W_i) + (1 - t) * B (t = 0 where the denominator is ~0)."""
+    """t = n c / (1 + (n - 1) c) from the mean pairwise cosine c of the task vectors (over
+    the whole tensor, or per row with `filter_wise`); result t * mean(W_i) + (1 - t) * B
+    (t = 0 where the denominator is ~0)."""
     assert args.base is not None
     n = len(args.tensors)
-    deltas = [w - args.base for w in args.tensors]
-    row_wise = bool(args.params["filter_wise"]) and args.base.dim() >= 2
-    cos = _cosines(deltas, -1 if row_wise else None)
-    denominator = 1 + (n - 1) * cos
-    t = torch.where(denominator.abs() < 1e-8, torch.zeros_like(cos), n * cos / denominator)
-    if row_wise:
-        t = t.reshape(-1, *([1] * (args.base.dim() - 1)))
     mean = torch.stack(list(args.tensors)).mean(0)
-    return t * mean + (1 - t) * args.base
+    if not _row_wise(args):
+        cos = _mean_cosine([list(model) for model in args.whole.sums])
+        denominator = 1 + (n - 1) * cos
+        t = 0.0 if abs(denominator) < 1e-8 else n * cos / denominator
+        return t * mean + (1 - t) * args.base
+    row_cos = _cosines([w - args.base for w in args.tensors])
+    row_denominator = 1 + (n - 1) * row_cos
+    rows = torch.where(
+        row_denominator.abs() < 1e-8, torch.zeros_like(row_cos), n * row_cos / row_denominator
+    )
+    rows = rows.reshape(-1, *([1] * (args.base.dim() - 1)))
+    return rows * mean + (1 - rows) * args.base
+
+
+def _stock_sums(args: MergeArgs) -> BlockSums:
+    """Per model i, per-row sums (float64) of d_i * d_i and of d_i * d_j for each j > i:
+    the whole-tensor cosines (none for `filter_wise`, whose rows are in the block)."""
+    assert args.base is not None
+    if _row_wise(args):
+        return BlockSums([[] for _ in args.tensors])
+    deltas = [(w - args.base).double() for w in args.tensors]
+    return BlockSums(
+        [[row_sums(d * e) for e in deltas[i:]] for i, d in enumerate(deltas)]
+    )
 
 
 T_PARAM = ParamSpec(
@@ -149,6 +183,7 @@ SPECS = (
         needs_base=True,
         min_models=2,
         paper="https://arxiv.org/abs/2403.19522",
+        sums=_stock_sums,
     ),
     MethodSpec(
         "arcee_fusion",

@@ -35,6 +35,8 @@ from mergecli.methods.kernels.topk import keep_selected, kth_largest, top_k_mask
         ("dare_linear", "base_model: {base}\nparameters: {{density: 0.6, rescale_mode: l1}}\n"),
         ("consensus", "base_model: {base}\nparameters: {{k: 1, save_masks: tall}}\n"),
         ("ramplus_tl", "base_model: {base}\nparameters: {{epsilon: 0.01, r: 0.5}}\n"),
+        ("model_stock", "base_model: {base}\n"),
+        ("model_stock", "base_model: {base}\nparameters: {{filter_wise: true}}\n"),
     ],
 )
 def test_blocks_are_byte_identical(
