@@ -26,6 +26,9 @@ def row_blocks(
     blockable = (tensor.copy or plan.method.blockwise) and tensor.vocab_names is None
     if not blockable or tensor.numel <= block_elements or len(tensor.shape) < 2:
         return [None]
+    whole_when = plan.method.whole_when
+    if not tensor.copy and whole_when is not None and whole_when(tensor.params):
+        return [None]
     if (
         not tensor.copy
         and plan.method.topk is not None

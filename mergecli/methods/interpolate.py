@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from mergecli.methods.kernels.sums import lower_quantile, row_sums
+from mergecli.methods.kernels.sums import gram_matrix, gram_sums, lower_quantile, row_sums
 from mergecli.methods.spec import BlockSums, MergeArgs, MethodSpec, ParamSpec
 
 PARALLEL = 0.9995
@@ -76,12 +76,12 @@ def _cosines(deltas: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(sims).mean(0)
 
 
-def _mean_cosine(sums: list[list[float]]) -> float:
-    """Mean pairwise cosine of whole task vectors from `_stock_sums`' totals: model i's
-    |d_i|^2, then d_i . d_j for j > i (cosine_similarity's eps of 1e-8 on the norms)."""
-    n = len(sums)
+def _mean_cosine(gram: list[list[float]]) -> float:
+    """Mean pairwise cosine of whole task vectors from their dot products (cosine_similarity's
+    eps of 1e-8 on the norms)."""
+    n = len(gram)
     cosines = [
-        sums[i][j - i] / max(math.sqrt(sums[i][0] * sums[j][0]), 1e-8)
+        gram[i][j] / max(math.sqrt(gram[i][i] * gram[j][j]), 1e-8)
         for i in range(n)
         for j in range(i + 1, n)
     ]
@@ -101,7 +101,7 @@ def model_stock(args: MergeArgs) -> torch.Tensor:
     n = len(args.tensors)
     mean = torch.stack(list(args.tensors)).mean(0)
     if not _row_wise(args):
-        cos = _mean_cosine([list(model) for model in args.whole.sums])
+        cos = _mean_cosine(gram_matrix(args.whole.sums))
         denominator = 1 + (n - 1) * cos
         t = 0.0 if abs(denominator) < 1e-8 else n * cos / denominator
         return t * mean + (1 - t) * args.base
@@ -115,15 +115,12 @@ def model_stock(args: MergeArgs) -> torch.Tensor:
 
 
 def _stock_sums(args: MergeArgs) -> BlockSums:
-    """Per model i, per-row sums (float64) of d_i * d_i and of d_i * d_j for each j > i:
-    the whole-tensor cosines (none for `filter_wise`, whose rows are in the block)."""
+    """The task vectors' dot products (`gram_sums`) for the whole-tensor cosines (none for
+    `filter_wise`, whose rows are in the block)."""
     assert args.base is not None
     if _row_wise(args):
         return BlockSums([[] for _ in args.tensors])
-    deltas = [(w - args.base).double() for w in args.tensors]
-    return BlockSums(
-        [[row_sums(d * e) for e in deltas[i:]] for i, d in enumerate(deltas)]
-    )
+    return BlockSums(gram_sums([w - args.base for w in args.tensors]))
 
 
 T_PARAM = ParamSpec(

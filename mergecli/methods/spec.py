@@ -166,6 +166,8 @@ class MethodSpec:
     # entry of its tensor and of the base: finite sums vouch that those inputs are finite
     kept_bits: bool = False  # `sums` keeps a bit per entry and input for the merge pass
     sums_vouch: bool = True  # a NaN/Inf input makes `sums` non-finite (counts do not)
+    whole_when: Callable[[Mapping[str, Any]], bool] | None = None  # with these method-wide
+    # parameters a blockwise method takes whole tensors after all
     chunk_aligned: bool = False  # row blocks start at a multiple of the draw chunk
     # (`kernels.bernoulli.DRAW_CHUNK`): draws with one probability per entry need it
     peak_copies: float = 5.0  # float32 copies per input at peak, heap slack included;

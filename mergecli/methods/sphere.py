@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-from mergecli.methods.spec import MergeArgs, MethodSpec, ParamSpec
+from mergecli.methods.kernels.sums import gram_matrix, gram_sums
+from mergecli.methods.spec import BlockSums, MergeArgs, MethodSpec, ParamSpec
 
 COLINEAR = 1e-16  # 1 - cos^2 at or below this: interpolate linearly (mergekit's eps^2)
 
@@ -32,18 +35,53 @@ def slerp_vectors(a: torch.Tensor, c: torch.Tensor, t: float, dim: int | None) -
 
 
 def nuslerp(args: MergeArgs) -> torch.Tensor:
-    """Slerp between two models (task vectors with a base) at t = w_2 / (w_1 + w_2)."""
-    w1, w2 = (float(p["weight"]) for p in args.per_model)
-    t = 0.5 if abs(w1 + w2) < 1e-6 else w2 / (w1 + w2)
+    """Slerp between two models (task vectors with a base) at t = w_2 / (w_1 + w_2): of the
+    whole tensors as one vector (by their dot products over the whole tensor,
+    `_nuslerp_sums`), or of each row (or column, `nuslerp_row_wise`)."""
+    t = _nuslerp_t(args)
     x, y = args.tensors
     if args.base is not None:
         x, y = x - args.base, y - args.base
-    if args.params["nuslerp_flatten"] or x.dim() < 2:
-        dim = None
+    if _flat(args):
+        cx, cy = slerp_coefficients(gram_matrix(args.whole.sums), t)
+        out = x * cx + y * cy
     else:
-        dim = 0 if args.params["nuslerp_row_wise"] else x.dim() - 1
-    out = slerp_vectors(x, y, t, dim)
+        out = slerp_vectors(x, y, t, 0 if args.params["nuslerp_row_wise"] else x.dim() - 1)
     return out + args.base if args.base is not None else out
+
+
+def _nuslerp_t(args: MergeArgs) -> float:
+    w1, w2 = (float(p["weight"]) for p in args.per_model)
+    return 0.5 if abs(w1 + w2) < 1e-6 else w2 / (w1 + w2)
+
+
+def _flat(args: MergeArgs) -> bool:
+    return bool(args.params["nuslerp_flatten"]) or args.tensors[0].dim() < 2
+
+
+def _nuslerp_sums(args: MergeArgs) -> BlockSums:
+    """The two vectors' dot products (`gram_sums`) when the whole tensor is one vector."""
+    if not _flat(args):
+        return BlockSums([[], []])
+    base = args.base
+    return BlockSums(gram_sums([t - base if base is not None else t for t in args.tensors]))
+
+
+def _columns(params: Mapping[str, Any]) -> bool:
+    """Column slerps (`nuslerp_row_wise` without flatten) need every row of a column."""
+    return bool(params["nuslerp_row_wise"]) and not params["nuslerp_flatten"]
+
+
+def slerp_coefficients(gram: list[list[float]], t: float) -> tuple[float, float]:
+    """(c_a, c_b) of slerp(a, b, t) = c_a a + c_b b from the dot products of a and b, as
+    `slerp_vectors` over the whole tensor: norms clamped at 1e-7, linear where
+    1 - cos^2 <= 1e-16."""
+    norm_a, norm_b = (max(math.sqrt(max(gram[i][i], 0.0)), 1e-7) for i in (0, 1))
+    cos = max(-1.0, min(1.0, gram[0][1] / (norm_a * norm_b)))
+    if 1 - cos * cos <= COLINEAR:
+        return 1 - t, t
+    theta = math.acos(cos)
+    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
 
 def multislerp(args: MergeArgs) -> torch.Tensor:
@@ -51,45 +89,69 @@ def multislerp(args: MergeArgs) -> torch.Tensor:
     as mergekit defines it: unit vectors u_i = v_i / (|v_i| + eps), their weighted mean m
     normalised, the tangent t = sum_i w_i (u_i - (u_i . m) m), the point
     m cos|t|' + t sin|t|' / |t|' (|t|' = |t| + eps), times sum_i w_i |v_i|. Two inputs
-    whose unit mean vanishes are interpolated linearly."""
+    whose unit mean vanishes are interpolated linearly. Every vector named is a combination
+    of the v_i, so the result is sum_j c_j v_j with c found from the v_i's dot products
+    over the whole tensor (`_multislerp_sums`); a block of rows needs only them."""
     if len(args.tensors) == 1:
         return args.tensors[0]
-    weights = [float(p["weight"]) for p in args.per_model]
-    if args.params["normalize_weights"]:
-        total = sum(weights)
-        weights = [w / total for w in weights] if total != 0 else weights
-    eps = float(args.params["eps"])
     base = args.base
-    vectors = [(t - base if base is not None else t).reshape(-1) for t in args.tensors]
-    out = _tangent_mean(vectors, weights, eps).reshape(args.tensors[0].shape)
+    vectors = [t - base if base is not None else t for t in args.tensors]
+    coefficients = _tangent_mean(gram_matrix(args.whole.sums), _weights(args), args.params)
+    out = torch.zeros_like(vectors[0])
+    for c, v in zip(coefficients, vectors):
+        out.add_(v, alpha=c)
     return out + base if base is not None else out
 
 
+def _weights(args: MergeArgs) -> list[float]:
+    weights = [float(p["weight"]) for p in args.per_model]
+    total = sum(weights)
+    if args.params["normalize_weights"] and total != 0:
+        return [w / total for w in weights]
+    return weights
+
+
+def _multislerp_sums(args: MergeArgs) -> BlockSums:
+    """The dot products of the vectors multislerp interpolates (`gram_sums`)."""
+    base = args.base
+    return BlockSums(gram_sums([t - base if base is not None else t for t in args.tensors]))
+
+
 def _tangent_mean(
-    vectors: Sequence[torch.Tensor], weights: Sequence[float], eps: float
-) -> torch.Tensor:
-    norms = [v.norm() for v in vectors]
-    if all(float(n) < eps for n in norms):
-        return torch.zeros_like(vectors[0])  # every task vector is zero (mergekit raises)
-    units = [v / (n + eps) for v, n in zip(vectors, norms)]
-    mean = sum((w * u for w, u in zip(weights, units)), torch.zeros_like(units[0]))
-    size = mean.norm()
-    if float(size) < eps:
-        if len(vectors) != 2:
+    gram: list[list[float]], weights: Sequence[float], params: Mapping[str, Any]
+) -> list[float]:
+    """multislerp's result as coefficients of its inputs, from their Gram matrix."""
+    eps, n = float(params["eps"]), len(gram)
+    norms = [math.sqrt(max(gram[i][i], 0.0)) for i in range(n)]
+    if all(norm < eps for norm in norms):
+        return [0.0] * n  # every task vector is zero (mergekit raises)
+    mean = [w / (norm + eps) for w, norm in zip(weights, norms)]
+    size = math.sqrt(max(_quadratic(gram, mean), 0.0))
+    if size < eps:
+        if n != 2:
             raise ValueError(
                 "multislerp: the weighted unit vectors cancel (antipodal inputs with "
                 "balancing weights); use other weights"
             )
-        return weights[0] * vectors[0] + weights[1] * vectors[1]
-    mean = mean / size
-    tangent = sum(
-        (w * (u - (u * mean).sum() * mean) for w, u in zip(weights, units)), torch.zeros_like(mean)
-    )
-    length = tangent.norm() + eps
-    point = mean * torch.cos(length) + tangent * (torch.sin(length) / length)
-    scale = sum((w * n for w, n in zip(weights, norms)), torch.zeros((), dtype=mean.dtype))
-    result: torch.Tensor = point * scale
-    return result
+        return list(weights)
+    unit_mean = [c / size for c in mean]
+    along = _apply(gram, unit_mean)  # v_i . m
+    shift = math.fsum(w * a / (norm + eps) for w, a, norm in zip(weights, along, norms))
+    tangent = [c - shift * m for c, m in zip(mean, unit_mean)]
+    length = math.sqrt(max(_quadratic(gram, tangent), 0.0)) + eps
+    scale = math.fsum(w * norm for w, norm in zip(weights, norms))
+    return [
+        scale * (m * math.cos(length) + t * math.sin(length) / length)
+        for m, t in zip(unit_mean, tangent)
+    ]
+
+
+def _apply(gram: list[list[float]], x: Sequence[float]) -> list[float]:
+    return [math.fsum(g * v for g, v in zip(row, x)) for row in gram]
+
+
+def _quadratic(gram: list[list[float]], x: Sequence[float]) -> float:
+    return math.fsum(a * b for a, b in zip(x, _apply(gram, x)))
 
 
 def karcher(args: MergeArgs) -> torch.Tensor:
@@ -170,6 +232,8 @@ SPECS = (
         min_models=2,
         max_models=2,
         paper="https://github.com/arcee-ai/mergekit",
+        sums=_nuslerp_sums,
+        whole_when=_columns,
     ),
     MethodSpec(
         "multislerp",
@@ -191,6 +255,7 @@ SPECS = (
         optional_base=True,
         min_models=2,
         paper="https://github.com/arcee-ai/mergekit",
+        sums=_multislerp_sums,
     ),
     MethodSpec(
         "karcher",

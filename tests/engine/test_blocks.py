@@ -36,6 +36,10 @@ from mergecli.methods.kernels.topk import keep_selected, kth_largest, top_k_mask
         ("consensus", "base_model: {base}\nparameters: {{k: 1, save_masks: tall}}\n"),
         ("ramplus_tl", "base_model: {base}\nparameters: {{epsilon: 0.01, r: 0.5}}\n"),
         ("model_stock", "base_model: {base}\n"),
+        ("multislerp", "base_model: {base}\n"),
+        ("nuslerp", "base_model: {base}\n"),
+        ("nuslerp", "parameters: {{nuslerp_flatten: false}}\n"),
+        ("multislerp", "parameters: {{normalize_weights: false}}\n"),
         ("model_stock", "base_model: {base}\nparameters: {{filter_wise: true}}\n"),
     ],
 )
@@ -56,6 +60,27 @@ def test_blocks_are_byte_identical(
     assert whole.files == blocks.files
     for name in whole.files:
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "blocks" / name).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [("nuslerp", "{nuslerp_flatten: false, nuslerp_row_wise: true}"), ("tsv", "{}")],
+)
+def test_methods_that_need_whole_columns_or_matrices_are_not_blocked(
+    family: dict[str, Path], tmp_path: Path, method: str, params: str
+) -> None:
+    text = (
+        f"merge_method: {method}\nbase_model: {family['base']}\nparameters: {params}\n"
+        f"models:\n  - model: {family['a']}\n    parameters: {{weight: 1}}\n"
+        f"  - model: {family['b']}\n    parameters: {{weight: 1}}\n"
+    )
+    plan = plan_recipe(write(tmp_path / "r.yaml", text))
+    embed = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
+    assert row_blocks(plan, embed, 100) == [None]
+    flat = plan_recipe(write(tmp_path / "f.yaml", text.replace("flatten: false", "flatten: true")))
+    if method == "nuslerp":
+        embed = next(t for t in flat.tensors if t.name == "model.embed_tokens.weight")
+        assert len(row_blocks(flat, embed, 100)) > 1
 
 
 @pytest.mark.parametrize("mode", ["l1", "inverse_density"])

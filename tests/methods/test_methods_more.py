@@ -355,3 +355,13 @@ def test_karcher_follows_mergekits_steps() -> None:
     pair = run("karcher", small[:2], None, [{}] * 2, max_iter=50, tol=1e-5)
     scale = sum(np.linalg.norm(v) for v in small) / 3
     np.testing.assert_allclose(two, pair / np.linalg.norm(pair) * scale, rtol=1e-12)
+
+
+def test_multislerp_of_cancelling_unit_vectors() -> None:
+    """Antipodal inputs with balancing weights: two interpolate linearly, three refuse."""
+    x = RNG.normal(size=(4, 3))
+    got = run("multislerp", [x, -2 * x], None, [{"weight": 1.0}, {"weight": 1.0}])
+    np.testing.assert_allclose(got, 0.5 * x + 0.5 * (-2 * x), rtol=1e-12)
+    per = [{"weight": 1.0}, {"weight": 1.0}, {"weight": 2.0}]
+    with pytest.raises(ValueError, match="the weighted unit vectors cancel"):
+        run("multislerp", [x, 3 * x, -x], None, per)

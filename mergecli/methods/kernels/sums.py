@@ -51,3 +51,16 @@ def lower_quantile(values: torch.Tensor, q: float) -> float:
     the sorted values (mergekit's rule), by selection, not sorting."""
     flat = values.reshape(-1)
     return float(torch.kthvalue(flat, math.floor(q * (flat.numel() - 1)) + 1).values)
+
+
+def gram_sums(vectors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Per vector i, per-row sums (float64 products) of v_i * v_j for each j >= i: what
+    `gram_matrix` needs, as a method's `sums` (model i's run over its own entries)."""
+    wide = [v.double() for v in vectors]
+    return [[row_sums(v * w) for w in wide[i:]] for i, v in enumerate(wide)]
+
+
+def gram_matrix(sums: Sequence[Sequence[float]]) -> list[list[float]]:
+    """The symmetric matrix of dot products v_i . v_j from `gram_sums`' totals."""
+    n = len(sums)
+    return [[sums[min(i, j)][abs(j - i)] for j in range(n)] for i in range(n)]
