@@ -155,53 +155,66 @@ def _quadratic(gram: list[list[float]], x: Sequence[float]) -> float:
 
 
 def karcher(args: MergeArgs) -> torch.Tensor:
-    """Karcher mean of the inputs on the unit sphere (equal weights), scaled by the mean norm."""
+    """Karcher mean of the inputs on the unit sphere (equal weights), scaled by the mean norm:
+    a combination of the inputs whose coefficients come from their dot products over the
+    whole tensor (`karcher_coefficients`; a block of rows needs only them)."""
     n = len(args.tensors)
     if n == 1:
         return args.tensors[0]
-    vectors = [t.reshape(-1) for t in args.tensors]
     iterations, tol = int(args.params["max_iter"]), float(args.params["tol"])
-    return karcher_mean(vectors, [1.0 / n] * n, iterations, tol).reshape(args.tensors[0].shape)
+    gram = gram_matrix(args.whole.sums)
+    out = torch.zeros_like(args.tensors[0])
+    for c, tensor in zip(karcher_coefficients(gram, [1.0 / n] * n, iterations, tol), args.tensors):
+        out.add_(tensor, alpha=c)
+    return out
 
 
-def karcher_mean(
-    vectors: Sequence[torch.Tensor], weights: Sequence[float], iterations: int, tol: float
-) -> torch.Tensor:
-    """The weighted Karcher mean as mergekit 0.1.5 computes it: inputs of norm <= tol leave
-    the mean (not its scale); start at the normalised weighted mean of the unit vectors (the
-    first unit vector if that vanishes); each step sums w_i theta_i / sin(theta_i) (u_i -
-    cos_i m) over the inputs at an angle theta_i >= tol, stops before moving once that
-    tangent is shorter than tol, else moves along the exponential map. Angles and norms are
-    taken in the inputs' dtype, as there (float32 rounding then matches entry for entry)."""
-    norms = [torch.linalg.vector_norm(v) for v in vectors]
-    valid = [i for i, norm in enumerate(norms) if float(norm) > tol]
+def _karcher_sums(args: MergeArgs) -> BlockSums:
+    """The inputs' dot products (`gram_sums`)."""
+    return BlockSums(gram_sums(list(args.tensors)))
+
+
+def karcher_coefficients(
+    gram: list[list[float]], weights: Sequence[float], iterations: int, tol: float
+) -> list[float]:
+    """The weighted Karcher mean as mergekit 0.1.5 computes it, as coefficients c_i of the
+    inputs v_i (result sum_i c_i v_i) worked from their Gram matrix in float64: inputs of
+    norm <= tol leave the mean (not its scale); start at the normalised weighted mean of the
+    unit vectors (the first unit vector if that vanishes); each step sums w_i theta_i /
+    sin(theta_i) (u_i - cos_i m) over the inputs at an angle theta_i >= tol, stops before
+    moving once that tangent is shorter than tol, else moves along the exponential map."""
+    n = len(gram)
+    norms = [math.sqrt(max(gram[i][i], 0.0)) for i in range(n)]
+    valid = [i for i in range(n) if norms[i] > tol]
     if not valid:
-        return torch.zeros_like(vectors[0])
-    total = sum(weights[i] for i in valid)
+        return [0.0] * n
+    units = [[gram[i][j] / (norms[i] * norms[j]) for j in valid] for i in valid]
+    total = math.fsum(weights[i] for i in valid)
     alphas = [weights[i] / total for i in valid]
-    units = [vectors[i] / norms[i] for i in valid]
-    mean = torch.zeros_like(units[0])
-    for alpha, unit in zip(alphas, units):
-        mean += alpha * unit
-    size = torch.linalg.vector_norm(mean)
-    mean = units[0].clone() if float(size) < tol else mean / size
+    size = math.sqrt(max(_quadratic(units, alphas), 0.0))
+    mean = [1.0] + [0.0] * (len(valid) - 1) if size < tol else [a / size for a in alphas]
     for _ in range(iterations):
-        tangent = torch.zeros_like(mean)
-        for alpha, unit in zip(alphas, units):
-            cos = torch.clamp(torch.dot(mean, unit), -1.0, 1.0)
-            theta = torch.arccos(cos)
-            if float(theta) >= tol:
-                tangent += alpha * (theta / torch.sin(theta)) * (unit - cos * mean)
-        length = torch.linalg.vector_norm(tangent)
-        if float(length) < tol:
+        along = _apply(units, mean)
+        step = [0.0] * len(valid)
+        for k, (alpha, cos) in enumerate(zip(alphas, along)):
+            cos = max(-1.0, min(1.0, cos))
+            theta = math.acos(cos)
+            if theta >= tol:
+                factor = alpha * theta / math.sin(theta)
+                step = [s - factor * cos * m for s, m in zip(step, mean)]
+                step[k] += factor
+        length = math.sqrt(max(_quadratic(units, step), 0.0))
+        if length < tol:
             break
-        mean = torch.cos(length) * mean + torch.sin(length) * (tangent / length)
-        unit_norm = torch.linalg.vector_norm(mean)
-        if float(unit_norm) > tol:
-            mean = mean / unit_norm
-    scale = sum(w * n for w, n in zip(weights, norms))
-    result: torch.Tensor = scale * mean
-    return result
+        mean = [math.cos(length) * m + math.sin(length) * s / length for m, s in zip(mean, step)]
+        unit_norm = math.sqrt(max(_quadratic(units, mean), 0.0))
+        if unit_norm > tol:
+            mean = [m / unit_norm for m in mean]
+    scale = math.fsum(w * norm for w, norm in zip(weights, norms))
+    coefficients = [0.0] * n
+    for k, i in enumerate(valid):
+        coefficients[i] = scale * mean[k] / norms[i]
+    return coefficients
 
 
 WEIGHT = ParamSpec("weight", "float", "model", "weight of this model", required=True)
@@ -276,5 +289,6 @@ SPECS = (
         ),
         min_models=2,
         paper="https://en.wikipedia.org/wiki/Karcher_mean",
+        sums=_karcher_sums,
     ),
 )

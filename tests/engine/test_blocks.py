@@ -38,6 +38,7 @@ from mergecli.methods.kernels.topk import keep_selected, kth_largest, top_k_mask
         ("model_stock", "base_model: {base}\n"),
         ("multislerp", "base_model: {base}\n"),
         ("nuslerp", "base_model: {base}\n"),
+        ("karcher", "parameters: {{max_iter: 20, tol: 1e-9}}\n"),
         ("nuslerp", "parameters: {{nuslerp_flatten: false}}\n"),
         ("multislerp", "parameters: {{normalize_weights: false}}\n"),
         ("model_stock", "base_model: {base}\nparameters: {{filter_wise: true}}\n"),
