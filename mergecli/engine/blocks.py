@@ -31,7 +31,7 @@ def row_blocks(
         return [None]
     if (
         not tensor.copy
-        and plan.method.topk is not None
+        and (plan.method.topk is not None or plan.method.score is not None)
         and work_dtype(plan, tensor) != torch.float32
     ):
         return [None]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -53,9 +53,6 @@ def block_selections(
         # unchecked: the merge pass checks every input; a NaN here only picks thresholds
         return load_checked(plan, model, name, reader, torch.float32, rows, check=False)
 
-    def wanted(pass_no: int, chosen: list[Selector]) -> list[Selector]:
-        return [s for s in chosen if (not s.settled if pass_no == 0 else s.second_pass())]
-
     def deltas(rows: tuple[int, int] | None) -> Iterator[torch.Tensor | None]:
         base = read(base_ref.model, base_ref.name, rows)
         for ref, chosen in zip(tensor.inputs, selectors):
@@ -64,15 +61,8 @@ def block_selections(
     def zeros(rows: tuple[int, int] | None) -> list[int]:
         return _zero_counts(deltas(rows))
 
-    def count(pass_no: int, rows: tuple[int, int] | None) -> list[list[torch.Tensor]]:
-        found: list[list[torch.Tensor]] = []
-        for chosen, delta in zip(selectors, deltas(rows)):
-            if delta is None:
-                found.append([])
-                continue
-            magnitude = delta.abs_()
-            found.append([s.count(pass_no, magnitude) for s in wanted(pass_no, chosen)])
-        return found
+    def magnitudes(rows: tuple[int, int] | None) -> Iterator[torch.Tensor | None]:
+        return (None if delta is None else delta.abs_() for delta in deltas(rows))
 
     first_deltas = list(deltas(blocks[0]))
     first = _zero_counts(first_deltas)
@@ -88,20 +78,79 @@ def block_selections(
         for i, chosen in enumerate(selectors):
             for selector in chosen:
                 selector.settle_zeros([z[i] for z in per_block])
-    for pass_no in (0, 1):
-        if pass_no == 1:  # here, not on the counting threads: it may take pass 0's window
-            for selector in (s for c in selectors for s in c if 0 < s.k < s.numel):
-                selector.bucket_above()
-        if not any(wanted(pass_no, c) for c in selectors):
-            continue
-        for j, found in enumerate(map_blocks(partial(count, pass_no), blocks)):
-            for chosen, histograms in zip(selectors, found):
-                for selector, histogram in zip(wanted(pass_no, chosen), histograms):
-                    selector.add(pass_no, j, histogram)
+    _count_passes(selectors, magnitudes, blocks, map_blocks)
     return {
         rows: [[s.selection(j) for s in chosen] for chosen in selectors]
         for j, rows in enumerate(blocks)
     }
+
+
+def _wanted(pass_no: int, chosen: list[Selector]) -> list[Selector]:
+    """The selectors that count in pass `pass_no` (pass 0: those not settled by zeros)."""
+    return [s for s in chosen if (not s.settled if pass_no == 0 else s.second_pass())]
+
+
+def _count_passes(
+    selectors: list[list[Selector]],
+    values: Callable[[tuple[int, int] | None], Iterable[torch.Tensor | None]],
+    blocks: Sequence[tuple[int, int] | None],
+    map_blocks: BlockMap,
+) -> None:
+    """Both counting passes of every selector over the blocks: `values(rows)` gives each
+    group's non-negative float32 values of a block (None for a group without selectors)."""
+
+    def count(pass_no: int, rows: tuple[int, int] | None) -> list[list[torch.Tensor]]:
+        found: list[list[torch.Tensor]] = []
+        for chosen, value in zip(selectors, values(rows)):
+            if value is None:
+                found.append([])
+                continue
+            found.append([s.count(pass_no, value) for s in _wanted(pass_no, chosen)])
+        return found
+
+    for pass_no in (0, 1):
+        if pass_no == 1:  # here, not on the counting threads: it may take pass 0's window
+            for selector in (s for c in selectors for s in c if 0 < s.k < s.numel):
+                selector.bucket_above()
+        if not any(_wanted(pass_no, c) for c in selectors):
+            continue
+        for j, found in enumerate(map_blocks(partial(count, pass_no), blocks)):
+            for chosen, histograms in zip(selectors, found):
+                for selector, histogram in zip(_wanted(pass_no, chosen), histograms):
+                    selector.add(pass_no, j, histogram)
+
+
+def block_ranked(
+    plan: MergePlan,
+    tensor: TensorPlan,
+    reader: TensorReader,
+    blocks: Sequence[tuple[int, int] | None],
+    map_blocks: BlockMap = serial,
+) -> dict[tuple[int, int] | None, list[Selection]]:
+    """Each block's selections of the method's score (`MethodSpec.score`), exact over the
+    whole tensor, found in two passes over the blocks as `block_selections` finds its."""
+    score_of, topk = plan.method.score, plan.method.score_topk
+    assert score_of is not None and topk is not None
+    counts = topk(tensor.params, tensor.numel)
+    if not counts:
+        return {rows: [] for rows in blocks}
+    selectors = [[Selector(k, tensor.numel, len(blocks)) for k in counts]]
+    refs = input_refs(tensor)
+
+    def score(rows: tuple[int, int] | None) -> torch.Tensor:
+        loaded = [  # unchecked: the merge pass checks every input
+            load_checked(plan, r.model, r.name, reader, torch.float32, rows, check=False)
+            for r in refs
+        ]
+        return score_of(merge_args(plan, tensor, loaded, rows, lambda at: TensorFacts(offset=at)))
+
+    if len(blocks) > 1:  # the first block predicts where each threshold lies
+        sample = score(blocks[0])
+        for selector in selectors[0]:
+            selector.predict(sample)
+        del sample
+    _count_passes(selectors, lambda rows: [score(rows)], blocks, map_blocks)
+    return {rows: [s.selection(j) for s in selectors[0]] for j, rows in enumerate(blocks)}
 
 
 def _zero_counts(deltas: Iterable[torch.Tensor | None]) -> list[int]:
@@ -137,11 +186,13 @@ def block_sums(
     blocks: Sequence[tuple[int, int] | None],
     map_blocks: BlockMap = serial,
     keep_inputs: bool = False,
+    ranked: Mapping[tuple[int, int] | None, list[Selection]] | None = None,
 ) -> tuple[list[list[float]], list[list[torch.Tensor | None]], list[list[torch.Tensor] | None]]:
     """A method's per-model sums (`MethodSpec.sums`) over the whole tensor, one block at a
     time: per-row partial sums of every block, added exactly at the end; each block's keep
     bits per model (`BlockSums.kept`); and, with `keep_inputs`, each block's inputs as read
-    (for its merge, which then reads nothing)."""
+    (for its merge, which then reads nothing). `ranked`: each block's selections of the
+    method's score, which its sums may use."""
     assert plan.method.sums is not None
     sums_of = plan.method.sums
     refs, work = input_refs(tensor), work_dtype(plan, tensor)
@@ -153,7 +204,11 @@ def block_sums(
             load_checked(plan, r.model, r.name, reader, work, rows, check=False) for r in refs
         ]
         inputs = list(loaded)
-        found = sums_of(merge_args(plan, tensor, loaded, rows, lambda at: TensorFacts(offset=at)))
+        chosen = ranked[rows] if ranked else ()
+        facts = merge_args(
+            plan, tensor, loaded, rows, lambda at: TensorFacts(ranked=chosen, offset=at)
+        )
+        found = sums_of(facts)
         # plain floats at once: a small tensor left above the freed block temporaries
         # would pin them in the heap (RSS would grow by a block per block)
         kept = [
@@ -195,6 +250,7 @@ class BlockStats:
     statistics pass read every input of the block through the NaN/Inf check."""
 
     selections: list[list[Selection]] | None = None
+    ranked: list[Selection] | None = None
     sums: list[list[float]] | None = None
     kept: list[torch.Tensor | None] | None = None
     inputs_checked: bool = False
@@ -203,6 +259,7 @@ class BlockStats:
         """What the method of the block starting at flat index `offset` receives."""
         return TensorFacts(
             selections=self.selections or (),
+            ranked=self.ranked or (),
             sums=self.sums or (),
             kept=self.kept or (),
             offset=offset,
@@ -224,7 +281,8 @@ class StatsCache:
 
     def get(self, job: Job) -> BlockStats | None:
         method = self.plan.method
-        if (method.topk is None and method.sums is None) or job.rows is None or job.tensor.copy:
+        needs = method.topk or method.score or method.sums
+        if not needs or job.rows is None or job.tensor.copy:
             return None
         # the lock guards the table only: the main thread's `drop` and the jobs of other
         # tensors must not wait for a statistics pass
@@ -254,10 +312,15 @@ class StatsCache:
             if method.topk
             else {}
         )
+        ranked = (
+            block_ranked(self.plan, tensor, self.reader, blocks, self._map) if method.score else {}
+        )
         if method.sums is None:
-            return {rows: BlockStats(chosen.get(rows)) for rows in blocks}
+            return {rows: BlockStats(chosen.get(rows), ranked.get(rows)) for rows in blocks}
         keep = input_cache_bytes(self.plan, tensor, self.block_elements) > 0
-        sums, kept, inputs = block_sums(self.plan, tensor, self.reader, blocks, self._map, keep)
+        sums, kept, inputs = block_sums(
+            self.plan, tensor, self.reader, blocks, self._map, keep, ranked
+        )
         if keep:
             with self.lock:
                 self.inputs.update(
@@ -266,7 +329,9 @@ class StatsCache:
                     if loaded is not None
                 )
         return {  # `block_sums` read every input of every block through the check
-            rows: BlockStats(chosen.get(rows), sums, kept[j] or None, inputs_checked=True)
+            rows: BlockStats(
+                chosen.get(rows), ranked.get(rows), sums, kept[j] or None, inputs_checked=True
+            )
             for j, rows in enumerate(blocks)
         }
 

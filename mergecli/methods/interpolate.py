@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-from mergecli.methods.kernels.sums import gram_matrix, gram_sums, lower_quantile, row_sums
+from mergecli.methods.kernels.selection import Selection
+from mergecli.methods.kernels.sums import gram_matrix, gram_sums, row_sums
 from mergecli.methods.spec import BlockSums, MergeArgs, MethodSpec, ParamSpec
 
 PARALLEL = 0.9995
@@ -53,17 +56,41 @@ def arcee_fusion(args: MergeArgs) -> torch.Tensor:
     """Take C's change where importance = |C - A| * KL(p || q) over the last dimension, with
     p = softmax C + 1e-8 and q = softmax A + 1e-8 (mergekit's smoothing), reaches
     median + 1.5 IQR of all importances; quantiles are lower order statistics of every
-    entry (mergekit samples a million entries of bigger tensors at random)."""
+    entry, found as exact top-k selections over the whole tensor (`_fusion_counts`; mergekit
+    samples a million entries of bigger tensors at random)."""
     assert args.base is not None
     a, c = args.base, args.tensors[0]
     if a.numel() == 0:
         return a.clone()  # no importance to rank
+    importance = _importance(args)
+    low, median, high = (_order_statistic(importance, s) for s in args.whole.ranked)
+    return a + (c - a) * (importance >= median + 1.5 * (high - low))
+
+
+def _importance(args: MergeArgs) -> torch.Tensor:
+    """arcee_fusion's importance of each entry (row-local: KL over the last dimension)."""
+    assert args.base is not None
+    a, c = args.base, args.tensors[0]
     p = torch.softmax(c, dim=-1) + FUSION_EPS
     q = torch.softmax(a, dim=-1) + FUSION_EPS
-    importance = (c - a).abs() * (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
-    median = lower_quantile(importance, 0.5)
-    iqr = lower_quantile(importance, 0.75) - lower_quantile(importance, 0.25)
-    return a + (c - a) * (importance >= median + 1.5 * iqr)
+    return (c - a).abs() * (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
+
+
+QUARTILES = (0.25, 0.5, 0.75)
+
+
+def _fusion_counts(params: Mapping[str, Any], numel: int) -> list[int]:
+    """The lower q-quantile of n entries (sorted index floor(q (n - 1))) is the k-th largest
+    for k = n - floor(q (n - 1))."""
+    return [numel - math.floor(q * (numel - 1)) for q in QUARTILES]
+
+
+def _order_statistic(importance: torch.Tensor, selection: Selection) -> float:
+    """The k-th largest importance of a selection; one that keeps all (k = n, only for
+    tensors of a few entries, never cut into blocks) is the smallest."""
+    if selection.keep == "all":
+        return float(importance.min())
+    return selection.threshold
 
 
 def _cosines(deltas: list[torch.Tensor]) -> torch.Tensor:
@@ -191,5 +218,7 @@ SPECS = (
         min_models=1,
         max_models=1,
         paper="https://www.arcee.ai/blog/meet-mergekit-v0-1-0",
+        score=_importance,
+        score_topk=_fusion_counts,
     ),
 )

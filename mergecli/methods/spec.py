@@ -79,11 +79,14 @@ class ParamSpec:
 class TensorFacts:
     """Whole-tensor facts a method asks for, computed over the whole tensor whatever part
     of it a call holds: per model, its top-k selections (one per count of
-    `MethodSpec.topk`); per model, its sums over the tensor (`MethodSpec.sums`); per model,
+    `MethodSpec.topk`); the selections of the method's own score (`MethodSpec.score`, one
+    per count of `score_topk`); per model, its sums over the tensor (`MethodSpec.sums`,
+    made with the selections known); per model,
     the packed keep bits drawn with those sums (DARE's drop, drawn once); and `offset`, the
     flat index of the first entry held (random draws depend on the position)."""
 
     selections: Sequence[Sequence[Selection]] = ()
+    ranked: Sequence[Selection] = ()
     sums: Sequence[Sequence[float]] = ()
     kept: Sequence[torch.Tensor | None] = ()
     offset: int = 0
@@ -133,6 +136,7 @@ class BlockSums:
 MethodFn = Callable[[MergeArgs], torch.Tensor]
 ParamCheck = Callable[[Mapping[str, Any], Mapping[str, Any]], str | None]
 TopK = Callable[[Mapping[str, Any], Mapping[str, Any], int], list[int]]
+ScoreTopK = Callable[[Mapping[str, Any], int], list[int]]
 Prepare = Callable[[Sequence[Mapping[str, Any] | None], Mapping[str, Any]], list[dict[str, Any]]]
 
 
@@ -162,6 +166,9 @@ class MethodSpec:
     # unchanged: a plain copy, no math
     count_hint: str = ""  # what to do instead when a recipe gives the wrong model count
     topk: TopK | None = None
+    score: MethodFn | None = None  # a non-negative score per entry, from a block's inputs
+    score_topk: ScoreTopK | None = None  # (method-wide parameters, entries) -> the k of
+    # each exact top-k selection of the score over the whole tensor (`TensorFacts.ranked`)
     sums: Callable[[MergeArgs], BlockSums] | None = None  # model i's sums run over every
     # entry of its tensor and of the base: finite sums vouch that those inputs are finite
     kept_bits: bool = False  # `sums` keeps a bit per entry and input for the merge pass
@@ -177,7 +184,12 @@ class MethodSpec:
     @property
     def blockwise(self) -> bool:
         """True when a big tensor can be merged in row blocks (element-wise after top-k)."""
-        return self.elementwise or self.topk is not None or self.sums is not None
+        return (
+            self.elementwise
+            or self.topk is not None
+            or self.score is not None
+            or self.sums is not None
+        )
 
     @property
     def uses_base(self) -> bool:

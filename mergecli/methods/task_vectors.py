@@ -6,6 +6,7 @@ or TIES sign election with a disjoint merge); result B + lambda * m.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -21,7 +22,6 @@ from mergecli.methods.kernels.topk import (
     breadcrumbs_counts,
     keep_count,
     keep_selected,
-    top_k_mask,
 )
 from mergecli.methods.spec import BlockSums, MergeArgs, MethodSpec, ParamSpec
 
@@ -205,24 +205,47 @@ della_linear = _method(_della, elect=False)
 
 
 def sce(args: MergeArgs) -> torch.Tensor:
-    """SCE: select positions of highest variance across models, weight each task vector by
-    its share of mean squared magnitude, keep entries agreeing with the elected sign."""
+    """SCE: select positions of highest variance across models (`select_topk` of them over
+    the whole tensor), weight each task vector by its share of the squared magnitude kept
+    (over the whole tensor, `_sce_sums`), keep entries agreeing with the elected sign."""
     assert args.base is not None
-    stacked = torch.stack(list(_deltas(args)))
-    fraction = float(args.params["select_topk"])
-    if fraction < 1:
-        variance = stacked.var(dim=0, unbiased=False)
-        stacked = stacked * top_k_mask(variance, keep_count(variance.numel(), fraction))
-    energy = (stacked**2).reshape(stacked.shape[0], -1).mean(dim=1)
-    total = float(energy.sum())
-    weights = energy / total if total > 0 else torch.zeros_like(energy)
-    w = weights.reshape(-1, *([1] * (stacked.dim() - 1)))
+    stacked = _sce_selected(args)
+    energy = [math.fsum(model) for model in args.whole.sums]
+    total = math.fsum(energy)
+    weights = [e / total if total > 0 else 0.0 for e in energy]
+    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
+    w = w.reshape(-1, *([1] * (stacked.dim() - 1)))
     agree = (torch.sign(stacked) == elect_sign(stacked)).to(stacked.dtype)
     divisor = (w * agree).sum(0)
     merged = (w * agree * stacked).sum(0) / torch.where(
         divisor == 0, torch.ones_like(divisor), divisor
     )
     return args.base + merged
+
+
+def _sce_variance(args: MergeArgs) -> torch.Tensor:
+    """The variance across models of each task-vector entry (SCE's selection score)."""
+    return torch.stack(list(_deltas(args))).var(dim=0, unbiased=False)
+
+
+def _sce_counts(params: Mapping[str, Any], numel: int) -> list[int]:
+    fraction = float(params["select_topk"])
+    return [keep_count(numel, fraction)] if fraction < 1 else []
+
+
+def _sce_selected(args: MergeArgs) -> torch.Tensor:
+    """The task vectors stacked, zero outside the selected highest-variance positions."""
+    stacked = torch.stack(list(_deltas(args)))
+    ranked = args.whole.ranked
+    if ranked:
+        variance = stacked.var(dim=0, unbiased=False)
+        stacked.mul_(select_mask(variance, ranked[0]))
+    return stacked
+
+
+def _sce_sums(args: MergeArgs) -> BlockSums:
+    """Per model, per-row sums (float64) of its selected task vector's squares."""
+    return BlockSums([[row_sums(d.double().square())] for d in _sce_selected(args)])
 
 
 def _della_check(params: Mapping[str, Any], model: Mapping[str, Any]) -> str | None:
@@ -425,5 +448,8 @@ SPECS = (
         ),
         needs_base=True,
         paper="https://arxiv.org/abs/2408.07990",
+        score=_sce_variance,
+        score_topk=_sce_counts,
+        sums=_sce_sums,
     ),
 )

@@ -39,6 +39,9 @@ from mergecli.methods.kernels.topk import keep_selected, kth_largest, top_k_mask
         ("multislerp", "base_model: {base}\n"),
         ("nuslerp", "base_model: {base}\n"),
         ("karcher", "parameters: {{max_iter: 20, tol: 1e-9}}\n"),
+        ("sce", "base_model: {base}\nparameters: {{select_topk: 0.3}}\n"),
+        ("sce", "base_model: {base}\n"),
+        ("arcee_fusion", "base_model: {base}\n"),
         ("nuslerp", "parameters: {{nuslerp_flatten: false}}\n"),
         ("multislerp", "parameters: {{normalize_weights: false}}\n"),
         ("model_stock", "base_model: {base}\nparameters: {{filter_wise: true}}\n"),
@@ -47,7 +50,7 @@ from mergecli.methods.kernels.topk import keep_selected, kth_largest, top_k_mask
 def test_blocks_are_byte_identical(
     family: dict[str, Path], tmp_path: Path, method: str, extra: str
 ) -> None:
-    single = method in ("nearswap", "slerp")
+    single = method in ("nearswap", "slerp", "arcee_fusion")
     models = [family["a"]] if single else [family["a"], family["b"]]
     weight = "" if single else "\n    parameters: {weight: 0.7}"
     text = f"merge_method: {method}\n" + extra.format(base=family["base"]) + "models:\n"
