@@ -44,9 +44,10 @@ def row_blocks(
 
 
 def _aligned_rows(plan: MergePlan, tensor: TensorPlan) -> int:
-    """The fewest rows whose entries are a multiple of the method's draw chunk (1 row for
-    methods that need no alignment)."""
-    if not plan.method.chunk_aligned:
-        return 1
-    chunk = bernoulli.DRAW_CHUNK
-    return chunk // math.gcd(chunk, tensor.row_numel)
+    """The rows a block starts at a multiple of: the method's row group, and rows whose
+    entries are a multiple of the draw chunk for chunk-aligned methods (else 1)."""
+    unit = max(1, plan.method.row_group)
+    if plan.method.chunk_aligned:
+        chunk = bernoulli.DRAW_CHUNK
+        unit = math.lcm(unit, chunk // math.gcd(chunk, tensor.row_numel))
+    return unit

@@ -19,6 +19,7 @@ from mergecli.engine.memory import input_cache_bytes
 from mergecli.engine.numerics import check_unvouched
 from mergecli.io.reader import TensorReader
 from mergecli.methods.kernels.selection import Selection, Selector, zero_count
+from mergecli.methods.kernels.sums import add_groups
 from mergecli.methods.spec import TensorFacts
 from mergecli.plan.types import MergePlan, TensorPlan
 
@@ -179,6 +180,16 @@ def _looks_sparse(
     )
 
 
+@dataclass
+class SumsFound:
+    """What a statistics pass found over a tensor's blocks (see `block_sums`)."""
+
+    sums: list[list[float]]
+    kept: list[list[torch.Tensor | None]]
+    inputs: list[list[torch.Tensor] | None]
+    grouped: list[list[torch.Tensor]]
+
+
 def block_sums(
     plan: MergePlan,
     tensor: TensorPlan,
@@ -187,19 +198,20 @@ def block_sums(
     map_blocks: BlockMap = serial,
     keep_inputs: bool = False,
     ranked: Mapping[tuple[int, int] | None, list[Selection]] | None = None,
-) -> tuple[list[list[float]], list[list[torch.Tensor | None]], list[list[torch.Tensor] | None]]:
+) -> SumsFound:
     """A method's per-model sums (`MethodSpec.sums`) over the whole tensor, one block at a
-    time: per-row partial sums of every block, added exactly at the end; each block's keep
-    bits per model (`BlockSums.kept`); and, with `keep_inputs`, each block's inputs as read
-    (for its merge, which then reads nothing). `ranked`: each block's selections of the
-    method's score, which its sums may use."""
+    time: per-row partial sums of every block, added exactly at the end; its sums over dim
+    0, added group by group in block order; each block's keep bits per model
+    (`BlockSums.kept`); and, with `keep_inputs`, each block's inputs as read (for its
+    merge, which then reads nothing). `ranked`: each block's selections of the method's
+    score, which its sums may use."""
     assert plan.method.sums is not None
     sums_of = plan.method.sums
     refs, work = input_refs(tensor), work_dtype(plan, tensor)
     bits = _BitStore(tensor, blocks)
     index = {rows: j for j, rows in enumerate(blocks)}
 
-    def one(rows: tuple[int, int] | None) -> tuple[list[list[list[float]]], list[Any], Any]:
+    def one(rows: tuple[int, int] | None) -> tuple[list[list[list[float]]], list[Any], Any, Any]:
         loaded = [
             load_checked(plan, r.model, r.name, reader, work, rows, check=False) for r in refs
         ]
@@ -216,15 +228,24 @@ def block_sums(
         ]
         sums = [[r.tolist() for r in quantities] for quantities in found.sums]
         check_unvouched(plan, refs, inputs, sums, tensor.base is not None)
-        return sums, kept, inputs if keep_inputs else None
+        return sums, kept, inputs if keep_inputs else None, found.grouped
 
-    parts, kept, inputs = zip(*map_blocks(one, blocks)) if blocks else ((), (), ())
-    models = len(parts[0]) if parts else 0
-    totals = [
+    result = SumsFound([], [], [], [])
+    parts: list[list[list[list[float]]]] = []
+    grouped: list[list[torch.Tensor | None]] = []
+    for sums, kept, inputs, partials in map_blocks(one, blocks):
+        parts.append(sums)
+        result.kept.append(kept)
+        result.inputs.append(inputs)
+        grouped = grouped or [[None] * len(model) for model in partials]
+        for totals, model in zip(grouped, partials):
+            totals[:] = [add_groups(t, q) for t, q in zip(totals, model)]
+    result.sums = [
         [math.fsum(x for p in parts for x in p[m][q]) for q in range(len(parts[0][m]))]
-        for m in range(models)
+        for m in range(len(parts[0]) if parts else 0)
     ]
-    return totals, list(kept), list(inputs)
+    result.grouped = [[t for t in model if t is not None] for model in grouped]
+    return result
 
 
 class _BitStore:
@@ -254,6 +275,7 @@ class BlockStats:
     sums: list[list[float]] | None = None
     kept: list[torch.Tensor | None] | None = None
     inputs_checked: bool = False
+    grouped: list[list[torch.Tensor]] | None = None
 
     def facts(self, offset: int) -> TensorFacts:
         """What the method of the block starting at flat index `offset` receives."""
@@ -263,6 +285,7 @@ class BlockStats:
             sums=self.sums or (),
             kept=self.kept or (),
             offset=offset,
+            grouped=self.grouped or (),
         )
 
 
@@ -318,19 +341,22 @@ class StatsCache:
         if method.sums is None:
             return {rows: BlockStats(chosen.get(rows), ranked.get(rows)) for rows in blocks}
         keep = input_cache_bytes(self.plan, tensor, self.block_elements) > 0
-        sums, kept, inputs = block_sums(
-            self.plan, tensor, self.reader, blocks, self._map, keep, ranked
-        )
+        found = block_sums(self.plan, tensor, self.reader, blocks, self._map, keep, ranked)
         if keep:
             with self.lock:
                 self.inputs.update(
                     ((tensor.name, rows), loaded)
-                    for rows, loaded in zip(blocks, inputs)
+                    for rows, loaded in zip(blocks, found.inputs)
                     if loaded is not None
                 )
         return {  # `block_sums` read every input of every block through the check
             rows: BlockStats(
-                chosen.get(rows), ranked.get(rows), sums, kept[j] or None, inputs_checked=True
+                chosen.get(rows),
+                ranked.get(rows),
+                found.sums,
+                found.kept[j] or None,
+                inputs_checked=True,
+                grouped=found.grouped,
             )
             for j, rows in enumerate(blocks)
         }

@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 
 from mergecli.methods.kernels.selection import Selection
-from mergecli.methods.kernels.sums import exact_total
+from mergecli.methods.kernels.sums import add_groups, exact_total
 from mergecli.methods.kernels.topk import select_top
 from mergecli.methods.spec import MergeArgs, MethodSpec, TensorFacts
 
@@ -33,7 +33,8 @@ def whole_facts(spec: MethodSpec, args: MergeArgs) -> TensorFacts:
         return chosen
     found = spec.sums(replace(args, facts=chosen))
     sums = [[exact_total([rows]) for rows in model] for model in found.sums]
-    return replace(chosen, sums=sums, kept=found.kept)
+    grouped = [[add_groups(None, q) for q in model] for model in found.grouped]
+    return replace(chosen, sums=sums, kept=found.kept, grouped=grouped)
 
 
 def apply(spec: MethodSpec, args: MergeArgs) -> torch.Tensor:

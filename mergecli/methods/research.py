@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
+from mergecli.methods.kernels.sums import group_sums
 from mergecli.methods.kernels.topk import keep_count, top_k_mask
-from mergecli.methods.spec import MergeArgs, MethodSpec, ParamSpec
+from mergecli.methods.spec import BlockSums, MergeArgs, MethodSpec, ParamSpec
 from mergecli.methods.task_vectors import LAMBDA
 
 
@@ -106,7 +107,8 @@ def widen(args: MergeArgs) -> torch.Tensor:
     (column norm) and direction; score each model by |m_i - m_B| and 1 - cos(D_i, D_B),
     rank-normalise within the model, softmax across models, calibrate shares above
     t * mean to s; the column weight is the mean of both scores; result B + sum_i w_i d_i.
-    1-D tensors use |d_i| as the only score, per entry."""
+    Column norms and dot products are sums over every row (`_widen_columns`, so a block of
+    rows can be merged). 1-D tensors use |d_i| as the only score, per entry."""
     assert args.base is not None
     base = args.base
     t, s = float(args.params["t"]), float(args.params["s"])
@@ -114,14 +116,34 @@ def widen(args: MergeArgs) -> torch.Tensor:
     if base.dim() != 2:
         weights = _calibrate(_rank_normalise(deltas.abs().reshape(len(deltas), -1)), t, s)
         return base + (weights.reshape(deltas.shape) * deltas).sum(0)
-    models = torch.stack(list(args.tensors))
-    base_norm = base.norm(dim=0)
-    norms = models.norm(dim=1)
-    cos = torch.nn.functional.cosine_similarity(models, base.unsqueeze(0), dim=1, eps=1e-12)
+    columns = args.whole.grouped
+    base_norm = columns[0][2].sqrt()
+    norms = torch.stack([model[0] for model in columns]).sqrt()
+    dots = torch.stack([model[1] for model in columns])
+    cos = dots / (norms * base_norm).clamp(min=1e-12)  # cosine_similarity's eps
     magnitude = _calibrate(_rank_normalise((norms - base_norm).abs()), t, s)
     direction = _calibrate(_rank_normalise(1 - cos), t, s)
-    weights = ((magnitude + direction) / 2).unsqueeze(1)
+    weights = ((magnitude + direction) / 2).to(deltas.device, deltas.dtype).unsqueeze(1)
     return base + (weights * deltas).sum(0)
+
+
+WIDEN_ROWS = 64  # rows per partial column sum
+
+
+def _widen_columns(args: MergeArgs) -> BlockSums:
+    """Per model, sums over rows of W_i^2 and W_i B per column (model 0 also B^2), one
+    partial per WIDEN_ROWS rows (`group_sums`); nothing for tensors that are not 2-D."""
+    assert args.base is not None
+    base = args.base
+    if base.dim() != 2:
+        return BlockSums([[] for _ in args.tensors])
+    wide = base.double()
+    grouped = [
+        [group_sums(w.double().square(), WIDEN_ROWS), group_sums(w.double() * wide, WIDEN_ROWS)]
+        for w in args.tensors
+    ]
+    grouped[0].append(group_sums(wide.square(), WIDEN_ROWS))
+    return BlockSums([[] for _ in args.tensors], grouped=grouped)
 
 
 def _orthogonalise(stacked: torch.Tensor) -> torch.Tensor:
@@ -246,5 +268,7 @@ SPECS = (
         needs_base=True,
         min_models=2,
         paper="https://arxiv.org/abs/2408.03092",
+        sums=_widen_columns,
+        row_group=WIDEN_ROWS,
     ),
 )

@@ -82,14 +82,16 @@ class TensorFacts:
     `MethodSpec.topk`); the selections of the method's own score (`MethodSpec.score`, one
     per count of `score_topk`); per model, its sums over the tensor (`MethodSpec.sums`,
     made with the selections known); per model,
-    the packed keep bits drawn with those sums (DARE's drop, drawn once); and `offset`, the
-    flat index of the first entry held (random draws depend on the position)."""
+    the packed keep bits drawn with those sums (DARE's drop, drawn once); `offset`, the
+    flat index of the first entry held (random draws depend on the position); per model,
+    its sums over dim 0 (`BlockSums.grouped`: a column's norm, say), float64 tensors."""
 
     selections: Sequence[Sequence[Selection]] = ()
     ranked: Sequence[Selection] = ()
     sums: Sequence[Sequence[float]] = ()
     kept: Sequence[torch.Tensor | None] = ()
     offset: int = 0
+    grouped: Sequence[Sequence[torch.Tensor]] = ()
 
 
 @dataclass(frozen=True)
@@ -127,10 +129,13 @@ class MergeArgs:
 class BlockSums:
     """What a method's statistics pass takes from one block: per model, per-row partial
     sums of each quantity it needs over the whole tensor; per model, the packed keep bits
-    the merge of the same block reuses (or nothing)."""
+    the merge of the same block reuses (or nothing); per model, quantities summed over
+    dim 0 as `kernels.sums.group_sums` gives them (a partial per `MethodSpec.row_group`
+    rows), added group by group in order."""
 
     sums: list[list[torch.Tensor]]
     kept: list[torch.Tensor | None] = field(default_factory=list)
+    grouped: list[list[torch.Tensor]] = field(default_factory=list)
 
 
 MethodFn = Callable[[MergeArgs], torch.Tensor]
@@ -175,6 +180,7 @@ class MethodSpec:
     sums_vouch: bool = True  # a NaN/Inf input makes `sums` non-finite (counts do not)
     whole_when: Callable[[Mapping[str, Any]], bool] | None = None  # with these method-wide
     # parameters a blockwise method takes whole tensors after all
+    row_group: int = 0  # rows per partial of `BlockSums.grouped`; blocks start at multiples
     chunk_aligned: bool = False  # row blocks start at a multiple of the draw chunk
     # (`kernels.bernoulli.DRAW_CHUNK`): draws with one probability per entry need it
     peak_copies: float = 5.0  # float32 copies per input at peak, heap slack included;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from conftest import sparse_tune, write
 from mergecli.cli._common import plan_recipe
 from mergecli.engine.blocks import row_blocks
 from mergecli.engine.run import run_plan
+from mergecli.methods import research
 from mergecli.methods.kernels import bernoulli
 from mergecli.methods.kernels.selection import Selection, Selector, select_mask
 from mergecli.methods.kernels.topk import keep_selected, kth_largest, top_k_mask
@@ -64,6 +66,24 @@ def test_blocks_are_byte_identical(
     assert whole.files == blocks.files
     for name in whole.files:
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "blocks" / name).read_bytes()
+
+
+def test_widen_blocks_start_at_row_groups_and_are_byte_identical(
+    family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(research, "WIDEN_ROWS", 4)  # the family's embedding has 32 rows
+    text = (
+        f"merge_method: widen\nbase_model: {family['base']}\nparameters: {{t: 1.1, s: 0.8}}\n"
+        f"models:\n  - model: {family['a']}\n  - model: {family['b']}\n"
+    )
+    plan = plan_recipe(write(tmp_path / "r.yaml", text))
+    plan = replace(plan, method=replace(plan.method, row_group=4))
+    embed = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
+    blocks = row_blocks(plan, embed, 100)
+    assert len(blocks) > 2 and all(b is not None and b[0] % 4 == 0 for b in blocks)
+    whole = run_plan(plan, tmp_path / "whole", text, reproducible=True, block_elements=1 << 30)
+    cut = run_plan(plan, tmp_path / "blocks", text, reproducible=True, block_elements=100)
+    assert whole.files == cut.files
 
 
 @pytest.mark.parametrize(

@@ -64,3 +64,24 @@ def gram_matrix(sums: Sequence[Sequence[float]]) -> list[list[float]]:
     """The symmetric matrix of dot products v_i . v_j from `gram_sums`' totals."""
     n = len(sums)
     return [[sums[min(i, j)][abs(j - i)] for j in range(n)] for i in range(n)]
+
+
+def group_sums(values: torch.Tensor, group: int) -> torch.Tensor:
+    """Sums over dim 0 (float64) of each run of `group` rows, stacked: one reduction per
+    group, so a group's sum is the same whichever block of rows (starting at a multiple of
+    `group`) holds it."""
+    rows = values.shape[0]
+    parts = [values[s : s + group].sum(dim=0, dtype=torch.float64) for s in range(0, rows, group)]
+    if not parts:
+        return torch.zeros((0, *values.shape[1:]), dtype=torch.float64, device=values.device)
+    return torch.stack(parts)
+
+
+def add_groups(total: torch.Tensor | None, partials: torch.Tensor) -> torch.Tensor:
+    """`total` plus each group's partial sum of `partials` in order (one at a time, so the
+    result does not depend on how the groups were cut into blocks)."""
+    for partial in partials:
+        total = partial.clone() if total is None else total.add_(partial)
+    if total is None:  # a tensor without rows
+        return torch.zeros(partials.shape[1:], dtype=torch.float64, device=partials.device)
+    return total
