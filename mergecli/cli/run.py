@@ -37,6 +37,7 @@ from mergecli.cli._options import (
     ThreadsOpt,
     VerifyOpt,
 )
+from mergecli.engine.blocks import takes_whole
 from mergecli.engine.device import resolve_device
 from mergecli.engine.memory import PIPELINE_JOBS, Budget, budget_for, predict_peak
 from mergecli.engine.process import share_cores, tune_malloc
@@ -160,7 +161,7 @@ def _budget(plan: MergePlan, max_memory: str | None, threads: int | None) -> Bud
     if limit is not None and peak > limit:
         why = (
             "rows of some tensors are too big for it"
-            if plan.method.blockwise
+            if plan.method.blockwise and not any(takes_whole(plan, t) for t in plan.tensors)
             else f"`{plan.method.name}` needs some tensors whole (it does not run in row blocks)"
         )
         STDERR.print(

@@ -26,8 +26,7 @@ def row_blocks(
     blockable = (tensor.copy or plan.method.blockwise) and tensor.vocab_names is None
     if not blockable or tensor.numel <= block_elements or len(tensor.shape) < 2:
         return [None]
-    whole_when = plan.method.whole_when
-    if not tensor.copy and whole_when is not None and whole_when(tensor.params):
+    if takes_whole(plan, tensor):
         return [None]
     if (
         not tensor.copy
@@ -41,6 +40,15 @@ def row_blocks(
     if unit > 1 and step >= rows:
         return [None]
     return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
+def takes_whole(plan: MergePlan, tensor: TensorPlan) -> bool:
+    """Whether the method needs this tensor whole for its parameters or shape
+    (`MethodSpec.whole_when`), though it runs others in row blocks."""
+    whole_when = plan.method.whole_when
+    if tensor.copy or whole_when is None:
+        return False
+    return whole_when(tensor.params, tuple(tensor.shape))
 
 
 def _aligned_rows(plan: MergePlan, tensor: TensorPlan) -> int:

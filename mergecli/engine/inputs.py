@@ -58,4 +58,5 @@ def merge_args(
         name=tensor.name,
         seed=plan.seed,
         facts=facts(0 if rows is None else rows[0] * tensor.row_numel),
+        whole_shape=tuple(tensor.shape),
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -157,14 +157,35 @@ def tsv(args: MergeArgs) -> torch.Tensor:
     """Task Singular Vectors (Gargiulo et al. 2025, TSV-Merge, eq. 6-8): keep the top
     r = max(1, floor(rank_fraction * min(shape) / n)) singular triplets of each task
     vector, orthogonalise the concatenated U and V, rebuild U_perp diag(S) V_perp^T;
-    result B + lambda * that. Tensors that are not 2-D use task arithmetic."""
+    result B + lambda * that. A tall matrix (rows >= columns) is merged from its task
+    vectors' Gram matrices (`_tsv_grams`, summed over row blocks): the merge is
+    sum_i d_i A_i with A_i from `tsv_mixes`. Tensors that are not 2-D use task arithmetic."""
     assert args.base is not None
     deltas = [t - args.base for t in args.tensors]
     scale = float(args.params["lambda"])
     if args.base.dim() != 2:
         return args.base + scale * torch.stack(deltas).sum(0)
-    n = len(deltas)
-    rank = max(1, int(float(args.params["rank_fraction"]) * min(args.base.shape) / n))
+    if args.base.numel() == 0:
+        return args.base.clone()  # no singular values
+    rank = _tsv_rank(args.params, args.shape, len(deltas))
+    if not _tall(args.shape):
+        return args.base + scale * _tsv_direct(deltas, rank)
+    merged = torch.zeros_like(args.base)
+    for delta, mix in zip(deltas, tsv_mixes(args.whole.grouped, rank)):
+        merged.addmm_(delta, mix.to(delta.device, delta.dtype))
+    return args.base + scale * merged
+
+
+def _tsv_rank(params: Mapping[str, Any], shape: tuple[int, ...], n: int) -> int:
+    return max(1, int(float(params["rank_fraction"]) * min(shape) / n))
+
+
+def _tall(shape: tuple[int, ...]) -> bool:
+    return len(shape) == 2 and shape[0] >= shape[1]
+
+
+def _tsv_direct(deltas: list[torch.Tensor], rank: int) -> torch.Tensor:
+    """TSV by the SVD of each whole task vector (wide matrices)."""
     us, ss, vs = [], [], []
     for delta in deltas:
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
@@ -173,8 +194,64 @@ def tsv(args: MergeArgs) -> torch.Tensor:
         vs.append(vh[:rank].T)
     u_perp = _orthogonalise(torch.cat(us, dim=1))
     v_perp = _orthogonalise(torch.cat(vs, dim=1))
-    merged = u_perp @ torch.diag(torch.cat(ss)) @ v_perp.T
-    return args.base + scale * merged
+    return u_perp @ torch.diag(torch.cat(ss)) @ v_perp.T
+
+
+TSV_ROWS = 1024  # rows per partial Gram matrix
+NEGLIGIBLE = 1e-12  # eigenvalues below this fraction of the largest count as zero
+
+
+def _tsv_grams(args: MergeArgs) -> BlockSums:
+    """Per task i, the partial Gram matrices d_i^T d_j (j >= i) of each TSV_ROWS rows of
+    a tall matrix (float64); nothing for other tensors."""
+    assert args.base is not None
+    if args.base.dim() != 2 or not _tall(args.shape):
+        return BlockSums([[] for _ in args.tensors])
+    wide = [(t - args.base).double() for t in args.tensors]
+    grouped = [[_group_grams(d, e) for e in wide[i:]] for i, d in enumerate(wide)]
+    return BlockSums([[] for _ in args.tensors], grouped=grouped)
+
+
+def _group_grams(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    parts = [a[s : s + TSV_ROWS].T @ b[s : s + TSV_ROWS] for s in range(0, a.shape[0], TSV_ROWS)]
+    if not parts:
+        return torch.zeros((0, a.shape[1], b.shape[1]), dtype=torch.float64)
+    return torch.stack(parts)
+
+
+def tsv_mixes(grams: Sequence[Sequence[torch.Tensor]], rank: int) -> list[torch.Tensor]:
+    """The matrices A_i with U_perp diag(S) V_perp^T = sum_i d_i A_i, from the task vectors'
+    Gram matrices C_ij = d_i^T d_j (`grams[i][j - i]`): C_ii = V_i S_i^2 V_i^T gives the
+    top-`rank` V_i and S_i, U_i = d_i V_i / S_i; U_cat^T U_cat = Q L Q^T gives the polar
+    factor U_perp = U_cat Q L^(-1/2) Q^T. Components of zero singular value (a task vector
+    of lower rank) are left out; so are directions in which the U_i coincide."""
+    n = len(grams)
+
+    def gram(i: int, j: int) -> torch.Tensor:
+        return grams[i][j - i] if j >= i else grams[j][i - j].T
+
+    vs, ss = [], []
+    for i in range(n):
+        values, vectors = torch.linalg.eigh(gram(i, i))
+        top = values.flip(0)[:rank].clamp(min=0)
+        keep = top > NEGLIGIBLE * max(float(top[0]), 0.0) if top.numel() else top > 0
+        vs.append(vectors.flip(1)[:, :rank][:, keep])
+        ss.append(top[keep].sqrt())
+    if not any(s.numel() for s in ss):  # every task vector is zero
+        return [torch.zeros_like(gram(i, i)) for i in range(n)]
+    whiten = [v / s for v, s in zip(vs, ss)]  # V_i S_i^-1
+    blocks = [[whiten[i].T @ gram(i, j) @ whiten[j] for j in range(n)] for i in range(n)]
+    values, q = torch.linalg.eigh(torch.cat([torch.cat(row, dim=1) for row in blocks], dim=0))
+    inverse_root = torch.where(
+        values > NEGLIGIBLE * float(values.max().clamp(min=0)),
+        values.clamp(min=NEGLIGIBLE).rsqrt(),
+        torch.zeros_like(values),
+    )
+    polar = (q * inverse_root) @ q.T
+    v_perp = _orthogonalise(torch.cat(vs, dim=1))
+    rebuild = polar @ torch.diag(torch.cat(ss)) @ v_perp.T
+    starts = [sum(s.numel() for s in ss[:i]) for i in range(n + 1)]
+    return [whiten[i] @ rebuild[starts[i] : starts[i + 1]] for i in range(n)]
 
 
 SPECS = (
@@ -227,6 +304,9 @@ SPECS = (
         ),
         needs_base=True,
         paper="https://arxiv.org/abs/2412.00081",
+        sums=_tsv_grams,
+        row_group=TSV_ROWS,
+        whole_when=lambda params, shape: not _tall(shape),
     ),
     MethodSpec(
         "pcb",

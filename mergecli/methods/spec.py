@@ -102,7 +102,8 @@ class MergeArgs:
     model-scope parameters, `params` the method-wide ones; `name` is the output tensor name
     and `seed` the run's seed (random methods derive their generator from both). `facts`
     are the whole-tensor facts the method's spec asks for (`methods.apply` computes them
-    when the tensors are whole; the engine computes them over row blocks).
+    when the tensors are whole; the engine computes them over row blocks); `whole_shape`
+    the whole tensor's shape when the tensors are a block of its rows.
     """
 
     tensors: Sequence[torch.Tensor]
@@ -112,6 +113,13 @@ class MergeArgs:
     name: str = ""
     seed: int = 0
     facts: TensorFacts | None = None
+    whole_shape: tuple[int, ...] | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the whole output tensor (the tensors held may be a block of rows)."""
+        held = self.base if self.base is not None else self.tensors[0]
+        return self.whole_shape if self.whole_shape is not None else tuple(held.shape)
 
     @property
     def whole(self) -> TensorFacts:
@@ -178,8 +186,8 @@ class MethodSpec:
     # entry of its tensor and of the base: finite sums vouch that those inputs are finite
     kept_bits: bool = False  # `sums` keeps a bit per entry and input for the merge pass
     sums_vouch: bool = True  # a NaN/Inf input makes `sums` non-finite (counts do not)
-    whole_when: Callable[[Mapping[str, Any]], bool] | None = None  # with these method-wide
-    # parameters a blockwise method takes whole tensors after all
+    whole_when: Callable[[Mapping[str, Any], tuple[int, ...]], bool] | None = None  # with
+    # these method-wide parameters, for a tensor of this shape, it takes the whole tensor
     row_group: int = 0  # rows per partial of `BlockSums.grouped`; blocks start at multiples
     chunk_aligned: bool = False  # row blocks start at a multiple of the draw chunk
     # (`kernels.bernoulli.DRAW_CHUNK`): draws with one probability per entry need it

@@ -67,7 +67,7 @@ def _nuslerp_sums(args: MergeArgs) -> BlockSums:
     return BlockSums(gram_sums([t - base if base is not None else t for t in args.tensors]))
 
 
-def _columns(params: Mapping[str, Any]) -> bool:
+def _columns(params: Mapping[str, Any], shape: tuple[int, ...]) -> bool:
     """Column slerps (`nuslerp_row_wise` without flatten) need every row of a column."""
     return bool(params["nuslerp_row_wise"]) and not params["nuslerp_flatten"]
 

@@ -86,25 +86,43 @@ def test_widen_blocks_start_at_row_groups_and_are_byte_identical(
     assert whole.files == cut.files
 
 
-@pytest.mark.parametrize(
-    ("method", "params"),
-    [("nuslerp", "{nuslerp_flatten: false, nuslerp_row_wise: true}"), ("tsv", "{}")],
-)
-def test_methods_that_need_whole_columns_or_matrices_are_not_blocked(
-    family: dict[str, Path], tmp_path: Path, method: str, params: str
+def test_column_slerps_and_wide_tsv_matrices_are_not_blocked(
+    family: dict[str, Path], tmp_path: Path
 ) -> None:
+    def recipe(method: str, params: str) -> str:
+        return (
+            f"merge_method: {method}\nbase_model: {family['base']}\nparameters: {params}\n"
+            f"models:\n  - model: {family['a']}\n    parameters: {{weight: 1}}\n"
+            f"  - model: {family['b']}\n    parameters: {{weight: 1}}\n"
+        )
+
+    def blocks(text: str, name: str) -> list[tuple[int, int] | None]:
+        plan = plan_recipe(write(tmp_path / "r.yaml", text))
+        return row_blocks(plan, next(t for t in plan.tensors if t.name == name), 100)
+
+    embed, down = "model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight"
+    columns = recipe("nuslerp", "{nuslerp_flatten: false, nuslerp_row_wise: true}")
+    assert blocks(columns, embed) == [None]
+    assert len(blocks(columns.replace("flatten: false", "flatten: true"), embed)) > 1
+    assert blocks(recipe("tsv", "{}"), down) == [None]  # wide: rows < columns
+
+
+def test_tsv_blocks_start_at_row_groups_and_match_the_whole_tensor(
+    family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(research, "TSV_ROWS", 4)
     text = (
-        f"merge_method: {method}\nbase_model: {family['base']}\nparameters: {params}\n"
-        f"models:\n  - model: {family['a']}\n    parameters: {{weight: 1}}\n"
-        f"  - model: {family['b']}\n    parameters: {{weight: 1}}\n"
+        f"merge_method: tsv\nbase_model: {family['base']}\nparameters: {{rank_fraction: 0.5}}\n"
+        f"models:\n  - model: {family['a']}\n  - model: {family['b']}\n"
     )
     plan = plan_recipe(write(tmp_path / "r.yaml", text))
+    plan = replace(plan, method=replace(plan.method, row_group=4))
     embed = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
-    assert row_blocks(plan, embed, 100) == [None]
-    flat = plan_recipe(write(tmp_path / "f.yaml", text.replace("flatten: false", "flatten: true")))
-    if method == "nuslerp":
-        embed = next(t for t in flat.tensors if t.name == "model.embed_tokens.weight")
-        assert len(row_blocks(flat, embed, 100)) > 1
+    blocks = row_blocks(plan, embed, 100)  # tall: rows >= columns
+    assert len(blocks) > 2 and all(b is not None and b[0] % 4 == 0 for b in blocks)
+    whole = run_plan(plan, tmp_path / "whole", text, reproducible=True, block_elements=1 << 30)
+    cut = run_plan(plan, tmp_path / "blocks", text, reproducible=True, block_elements=100)
+    assert whole.files == cut.files
 
 
 @pytest.mark.parametrize("mode", ["l1", "inverse_density"])
