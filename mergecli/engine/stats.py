@@ -20,7 +20,7 @@ from mergecli.engine.numerics import check_unvouched
 from mergecli.io.reader import TensorReader
 from mergecli.methods.kernels.selection import Selection, Selector, zero_count
 from mergecli.methods.kernels.sums import add_groups
-from mergecli.methods.spec import TensorFacts
+from mergecli.methods.spec import BlockSums, MergeArgs, TensorFacts, Totals
 from mergecli.plan.types import MergePlan, TensorPlan
 
 SPARSE_MARGIN = 1.1
@@ -127,31 +127,38 @@ def block_ranked(
     reader: TensorReader,
     blocks: Sequence[tuple[int, int] | None],
     map_blocks: BlockMap = serial,
-) -> dict[tuple[int, int] | None, list[Selection]]:
-    """Each block's selections of the method's score (`MethodSpec.score`), exact over the
-    whole tensor, found in two passes over the blocks as `block_selections` finds its."""
+    priors: Sequence[Totals] = (),
+) -> dict[tuple[int, int] | None, list[list[Selection]]]:
+    """Each block's selections of each of the method's scores (`MethodSpec.score`, made
+    with the earlier passes' `priors`), exact over the whole tensor, found in two passes
+    over the blocks as `block_selections` finds its."""
     score_of, topk = plan.method.score, plan.method.score_topk
     assert score_of is not None and topk is not None
     counts = topk(tensor.params, tensor.numel)
     if not counts:
         return {rows: [] for rows in blocks}
-    selectors = [[Selector(k, tensor.numel, len(blocks)) for k in counts]]
     refs = input_refs(tensor)
 
-    def score(rows: tuple[int, int] | None) -> torch.Tensor:
+    def scores(rows: tuple[int, int] | None) -> list[torch.Tensor]:
         loaded = [  # unchecked: the merge pass checks every input
             load_checked(plan, r.model, r.name, reader, torch.float32, rows, check=False)
             for r in refs
         ]
-        return score_of(merge_args(plan, tensor, loaded, rows, lambda at: TensorFacts(offset=at)))
+        facts = lambda at: TensorFacts(priors=priors, offset=at)  # noqa: E731
+        return score_of(merge_args(plan, tensor, loaded, rows, facts))
 
+    first = scores(blocks[0])
+    selectors = [[Selector(k, tensor.numel, len(blocks)) for k in counts] for _ in first]
     if len(blocks) > 1:  # the first block predicts where each threshold lies
-        sample = score(blocks[0])
-        for selector in selectors[0]:
-            selector.predict(sample)
-        del sample
-    _count_passes(selectors, lambda rows: [score(rows)], blocks, map_blocks)
-    return {rows: [s.selection(j) for s in selectors[0]] for j, rows in enumerate(blocks)}
+        for chosen, sample in zip(selectors, first):
+            for selector in chosen:
+                selector.predict(sample)
+    del first
+    _count_passes(selectors, scores, blocks, map_blocks)
+    return {
+        rows: [[s.selection(j) for s in chosen] for chosen in selectors]
+        for j, rows in enumerate(blocks)
+    }
 
 
 def _zero_counts(deltas: Iterable[torch.Tensor | None]) -> list[int]:
@@ -188,6 +195,7 @@ class SumsFound:
     kept: list[list[torch.Tensor | None]]
     inputs: list[list[torch.Tensor] | None]
     grouped: list[list[torch.Tensor]]
+    peaks: list[list[float]]
 
 
 def block_sums(
@@ -197,28 +205,37 @@ def block_sums(
     blocks: Sequence[tuple[int, int] | None],
     map_blocks: BlockMap = serial,
     keep_inputs: bool = False,
-    ranked: Mapping[tuple[int, int] | None, list[Selection]] | None = None,
+    ranked: Mapping[tuple[int, int] | None, list[list[Selection]]] | None = None,
+    stage: Callable[[MergeArgs], BlockSums] | None = None,
+    priors: Sequence[Totals] = (),
+    check: bool = True,
 ) -> SumsFound:
     """A method's per-model sums (`MethodSpec.sums`) over the whole tensor, one block at a
     time: per-row partial sums of every block, added exactly at the end; its sums over dim
     0, added group by group in block order; each block's keep bits per model
     (`BlockSums.kept`); and, with `keep_inputs`, each block's inputs as read (for its
     merge, which then reads nothing). `ranked`: each block's selections of the method's
-    score, which its sums may use."""
-    assert plan.method.sums is not None
-    sums_of = plan.method.sums
+    scores, which its sums may use; `stage`: one of the method's earlier passes
+    (`MethodSpec.priors`) instead of its sums, seeing the `priors` before it; the maxima of
+    its per-row peaks. Without `check`, an earlier pass has checked the inputs."""
+    sums_of = stage or plan.method.sums
+    assert sums_of is not None
     refs, work = input_refs(tensor), work_dtype(plan, tensor)
     bits = _BitStore(tensor, blocks)
     index = {rows: j for j, rows in enumerate(blocks)}
 
-    def one(rows: tuple[int, int] | None) -> tuple[list[list[list[float]]], list[Any], Any, Any]:
+    def one(rows: tuple[int, int] | None) -> tuple[Any, ...]:
         loaded = [
             load_checked(plan, r.model, r.name, reader, work, rows, check=False) for r in refs
         ]
         inputs = list(loaded)
         chosen = ranked[rows] if ranked else ()
         facts = merge_args(
-            plan, tensor, loaded, rows, lambda at: TensorFacts(ranked=chosen, offset=at)
+            plan,
+            tensor,
+            loaded,
+            rows,
+            lambda at: TensorFacts(ranked=chosen, offset=at, priors=priors),
         )
         found = sums_of(facts)
         # plain floats at once: a small tensor left above the freed block temporaries
@@ -227,13 +244,18 @@ def block_sums(
             None if k is None else bits.keep(m, index[rows], k) for m, k in enumerate(found.kept)
         ]
         sums = [[r.tolist() for r in quantities] for quantities in found.sums]
-        check_unvouched(plan, refs, inputs, sums, tensor.base is not None)
-        return sums, kept, inputs if keep_inputs else None, found.grouped
+        peaks = [[float(r.max()) if r.numel() else -math.inf for r in q] for q in found.peaks]
+        if check:
+            check_unvouched(plan, refs, inputs, sums, tensor.base is not None)
+        return sums, kept, inputs if keep_inputs else None, found.grouped, peaks
 
-    result = SumsFound([], [], [], [])
+    result = SumsFound([], [], [], [], [])
     parts: list[list[list[list[float]]]] = []
     grouped: list[list[torch.Tensor | None]] = []
-    for sums, kept, inputs, partials in map_blocks(one, blocks):
+    for sums, kept, inputs, partials, peaks in map_blocks(one, blocks):
+        result.peaks = [
+            [max(a, b) for a, b in zip(old, new)] for old, new in zip(result.peaks, peaks)
+        ] or peaks
         parts.append(sums)
         result.kept.append(kept)
         result.inputs.append(inputs)
@@ -271,11 +293,12 @@ class BlockStats:
     statistics pass read every input of the block through the NaN/Inf check."""
 
     selections: list[list[Selection]] | None = None
-    ranked: list[Selection] | None = None
+    ranked: list[list[Selection]] | None = None
     sums: list[list[float]] | None = None
     kept: list[torch.Tensor | None] | None = None
     inputs_checked: bool = False
     grouped: list[list[torch.Tensor]] | None = None
+    priors: tuple[Totals, ...] = ()
 
     def facts(self, offset: int) -> TensorFacts:
         """What the method of the block starting at flat index `offset` receives."""
@@ -286,6 +309,7 @@ class BlockStats:
             kept=self.kept or (),
             offset=offset,
             grouped=self.grouped or (),
+            priors=self.priors,
         )
 
 
@@ -304,7 +328,7 @@ class StatsCache:
 
     def get(self, job: Job) -> BlockStats | None:
         method = self.plan.method
-        needs = method.topk or method.score or method.sums
+        needs = method.topk or method.score or method.sums or method.priors
         if not needs or job.rows is None or job.tensor.copy:
             return None
         # the lock guards the table only: the main thread's `drop` and the jobs of other
@@ -335,13 +359,46 @@ class StatsCache:
             if method.topk
             else {}
         )
+        priors: list[Totals] = []
+        for stage in method.priors:  # the first reads every input through the check
+            found = block_sums(
+                self.plan,
+                tensor,
+                self.reader,
+                blocks,
+                self._map,
+                stage=stage,
+                priors=priors,
+                check=not priors,
+            )
+            priors.append(Totals(found.sums, found.peaks))
         ranked = (
-            block_ranked(self.plan, tensor, self.reader, blocks, self._map) if method.score else {}
+            block_ranked(self.plan, tensor, self.reader, blocks, self._map, priors)
+            if method.score
+            else {}
         )
         if method.sums is None:
-            return {rows: BlockStats(chosen.get(rows), ranked.get(rows)) for rows in blocks}
+            return {
+                rows: BlockStats(
+                    chosen.get(rows),
+                    ranked.get(rows),
+                    inputs_checked=bool(priors),
+                    priors=tuple(priors),
+                )
+                for rows in blocks
+            }
         keep = input_cache_bytes(self.plan, tensor, self.block_elements) > 0
-        found = block_sums(self.plan, tensor, self.reader, blocks, self._map, keep, ranked)
+        found = block_sums(
+            self.plan,
+            tensor,
+            self.reader,
+            blocks,
+            self._map,
+            keep,
+            ranked,
+            priors=priors,
+            check=not priors,
+        )
         if keep:
             with self.lock:
                 self.inputs.update(
@@ -357,6 +414,7 @@ class StatsCache:
                 found.kept[j] or None,
                 inputs_checked=True,
                 grouped=found.grouped,
+                priors=tuple(priors),
             )
             for j, rows in enumerate(blocks)
         }

@@ -3,6 +3,7 @@ over row blocks, `engine.stats`); equal to them bit for bit."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -10,11 +11,12 @@ import torch
 from mergecli.methods.kernels.selection import Selection
 from mergecli.methods.kernels.sums import add_groups, exact_total
 from mergecli.methods.kernels.topk import select_top
-from mergecli.methods.spec import MergeArgs, MethodSpec, TensorFacts
+from mergecli.methods.spec import BlockSums, MergeArgs, MethodSpec, TensorFacts, Totals
 
 
 def whole_facts(spec: MethodSpec, args: MergeArgs) -> TensorFacts:
-    """The facts `spec` asks for (`topk`, `score`, `sums`) over `args`' whole tensors."""
+    """The facts `spec` asks for (`topk`, `priors`, `score`, `sums`) over `args`' whole
+    tensors."""
     selections: list[list[Selection]] = []
     if spec.topk is not None:
         assert args.base is not None, "top-k methods select task-vector entries"
@@ -23,23 +25,37 @@ def whole_facts(spec: MethodSpec, args: MergeArgs) -> TensorFacts:
             counts = spec.topk(args.params, model, numel)
             magnitude = (tensor - args.base).abs_() if counts else torch.empty(0)
             selections.append([select_top(magnitude, k) for k in counts])
-    ranked: list[Selection] = []
+    priors: list[Totals] = []
+    for stage in spec.priors:
+        found = stage(replace(args, facts=TensorFacts(priors=tuple(priors))))
+        priors.append(totals(found))
+    ranked: list[list[Selection]] = []
     if spec.score is not None and spec.score_topk is not None:
         counts = spec.score_topk(args.params, args.tensors[0].numel())
-        score = spec.score(args) if counts else torch.empty(0)
-        ranked = [select_top(score, k) for k in counts]
-    chosen = TensorFacts(selections=selections, ranked=ranked)
+        scores = spec.score(replace(args, facts=TensorFacts(priors=priors))) if counts else []
+        ranked = [[select_top(score, k) for k in counts] for score in scores]
+    chosen = TensorFacts(selections=selections, ranked=ranked, priors=priors)
     if spec.sums is None:
         return chosen
     found = spec.sums(replace(args, facts=chosen))
-    sums = [[exact_total([rows]) for rows in model] for model in found.sums]
     grouped = [[add_groups(None, q) for q in model] for model in found.grouped]
-    return replace(chosen, sums=sums, kept=found.kept, grouped=grouped)
+    return replace(chosen, sums=totals(found).sums, kept=found.kept, grouped=grouped)
+
+
+def totals(found: BlockSums) -> Totals:
+    """A whole tensor's sums (added exactly) and maxima from its statistics."""
+    return Totals(
+        sums=[[exact_total([rows]) for rows in model] for model in found.sums],
+        peaks=[
+            [float(rows.max()) if rows.numel() else -math.inf for rows in model]
+            for model in found.peaks
+        ],
+    )
 
 
 def apply(spec: MethodSpec, args: MergeArgs) -> torch.Tensor:
     """`spec`'s method on `args`, with the whole-tensor facts it needs computed first when
     `args` holds whole tensors and no facts."""
-    if args.facts is None and (spec.topk or spec.score or spec.sums):
+    if args.facts is None and (spec.topk or spec.score or spec.sums or spec.priors):
         args = replace(args, facts=whole_facts(spec, args))
     return spec.fn(args)

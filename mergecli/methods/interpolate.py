@@ -63,8 +63,12 @@ def arcee_fusion(args: MergeArgs) -> torch.Tensor:
     if a.numel() == 0:
         return a.clone()  # no importance to rank
     importance = _importance(args)
-    low, median, high = (_order_statistic(importance, s) for s in args.whole.ranked)
+    low, median, high = (_order_statistic(importance, s) for s in args.whole.ranked[0])
     return a + (c - a) * (importance >= median + 1.5 * (high - low))
+
+
+def _importances(args: MergeArgs) -> list[torch.Tensor]:
+    return [_importance(args)]
 
 
 def _importance(args: MergeArgs) -> torch.Tensor:
@@ -218,7 +222,7 @@ SPECS = (
         min_models=1,
         max_models=1,
         paper="https://www.arcee.ai/blog/meet-mergekit-v0-1-0",
-        score=_importance,
+        score=_importances,
         score_topk=_fusion_counts,
     ),
 )

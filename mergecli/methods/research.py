@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
-from mergecli.methods.kernels.sums import group_sums
-from mergecli.methods.kernels.topk import keep_count, top_k_mask
+from mergecli.methods.kernels.selection import select_mask
+from mergecli.methods.kernels.sums import group_sums, row_max, row_sums
+from mergecli.methods.kernels.topk import keep_count
 from mergecli.methods.spec import BlockSums, MergeArgs, MethodSpec, ParamSpec
 from mergecli.methods.task_vectors import LAMBDA
 
@@ -52,38 +53,96 @@ def _mask_folder_check(params: Mapping[str, Any], model: Mapping[str, Any]) -> s
     return None
 
 
-def _minmax(x: torch.Tensor) -> torch.Tensor:
-    """Scale each row to [0, 1]; constant rows become 0."""
-    low = x.min(dim=-1, keepdim=True).values
-    span = x.max(dim=-1, keepdim=True).values - low
-    return (x - low) / torch.where(span == 0, torch.ones_like(span), span)
-
-
 def pcb(args: MergeArgs) -> torch.Tensor:
     """PCB-Merging (Du et al. 2024, "Parameter Competition Balancing for Model Merging").
 
-    With task vectors d_i flattened over the tensor and N models:
+    With task vectors d_i over the tensor and N models:
     intra-balancing b_intra,i = Softmax(N * Norm(d_i * d_i)) (eq. 2), inter-balancing
     b_inter,i = sum_j Softmax(Norm(d_i * d_j)) (eq. 3), b_i = b_intra,i * b_inter,i (eq. 4);
     keep the top `ratio` fraction of each b_i (eq. 5-6); merged m = sum_i b_i d_i / sum_i b_i
     element-wise (eq. 7, 0 where nothing is kept); result B + lambda m (eq. 8). Norm is the
-    min-max scaling of the authors' code, softmax runs over the tensor's entries.
+    min-max scaling of the authors' code over the tensor's entries, softmax runs over them:
+    the extremes (`_pcb_peaks`) and the softmax denominators (`_pcb_denominators`) come
+    from statistics passes over the whole tensor, so a block of rows can be merged.
     Where mergecli's spec line differs (exp instead of softmax, a tanh inter-balance) this
     follows the paper, as the spec asks.
     """
     assert args.base is not None
     if args.base.numel() == 0:
         return args.base.clone()  # no entry to balance
-    n = len(args.tensors)
-    d = torch.stack([(t - args.base).reshape(-1) for t in args.tensors])
-    intra = torch.softmax(n * _minmax(d * d), dim=-1)
-    inter = torch.stack([torch.softmax(_minmax(d[i] * d), dim=-1).sum(0) for i in range(n)])
-    balance = intra * inter
-    k = keep_count(d.shape[1], float(args.params["ratio"]))
-    kept = torch.stack([balance[i] * top_k_mask(balance[i], k) for i in range(n)])
-    divisor = kept.sum(0)
-    merged = (kept * d).sum(0) / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-    return args.base + float(args.params["lambda"]) * merged.reshape(args.base.shape)
+    deltas = [t - args.base for t in args.tensors]
+    kept = [
+        balance * select_mask(balance, chosen[0])
+        for balance, chosen in zip(_pcb_balance(args), args.whole.ranked)
+    ]
+    divisor = torch.stack(kept).sum(0)
+    merged = torch.zeros_like(args.base)
+    for share, delta in zip(kept, deltas):
+        merged.add_(share * delta)
+    merged = merged / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    return args.base + float(args.params["lambda"]) * merged
+
+
+def _products(args: MergeArgs) -> list[list[torch.Tensor]]:
+    """d_i * d_j for each j >= i."""
+    assert args.base is not None
+    deltas = [t - args.base for t in args.tensors]
+    return [[d * e for e in deltas[i:]] for i, d in enumerate(deltas)]
+
+
+def _pcb_peaks(args: MergeArgs) -> BlockSums:
+    """Per model i, per-row maxima of d_i d_j and of -d_i d_j for each j >= i."""
+    peaks = [[m for p in row for m in (row_max(p), row_max(-p))] for row in _products(args)]
+    return BlockSums([[] for _ in args.tensors], peaks=peaks)
+
+
+def _softmax_terms(
+    args: MergeArgs, products: list[list[torch.Tensor]], scale: float
+) -> list[list[torch.Tensor]]:
+    """exp(f * Norm(d_i d_j) - its maximum) for each j >= i, f = `scale` on the diagonal
+    (j = i) and 1 elsewhere: the softmax numerators; Norm by the extremes of `_pcb_peaks`."""
+    peaks = args.whole.priors[0].peaks
+    terms = []
+    for i, row in enumerate(products):
+        out = []
+        for j, product in enumerate(row):
+            high, low = peaks[i][2 * j], -peaks[i][2 * j + 1]
+            span = high - low if high > low else 1.0
+            factor = scale if j == 0 else 1.0
+            shift = factor if high > low else 0.0
+            out.append(product.sub(low).mul_(factor / span).sub_(shift).exp_())
+        terms.append(out)
+    return terms
+
+
+def _pcb_denominators(args: MergeArgs) -> BlockSums:
+    """Per model i, per-row sums (float64) of its intra-balance numerators, then of the
+    inter-balance numerators of each j >= i."""
+    products = _products(args)
+    intra = _softmax_terms(args, [row[:1] for row in products], float(len(products)))
+    inter = _softmax_terms(args, products, 1.0)
+    return BlockSums([[row_sums(a[0]), *(row_sums(t) for t in b)] for a, b in zip(intra, inter)])
+
+
+def _pcb_balance(args: MergeArgs) -> list[torch.Tensor]:
+    """Each model's balance b_i = b_intra,i * b_inter,i (from both statistics passes)."""
+    products = _products(args)
+    n = len(products)
+    sums = args.whole.priors[1].sums
+    intra = _softmax_terms(args, [row[:1] for row in products], float(n))
+    inter = _softmax_terms(args, products, 1.0)
+    balances = []
+    for i in range(n):
+        total = torch.zeros_like(intra[i][0])
+        for j in range(n):
+            low, high = min(i, j), max(i, j)
+            total.add_(inter[low][high - low] / sums[low][1 + high - low])
+        balances.append(intra[i][0].div_(sums[i][0]).mul_(total))
+    return balances
+
+
+def _pcb_counts(params: Mapping[str, Any], numel: int) -> list[int]:
+    return [keep_count(numel, float(params["ratio"]))]
 
 
 def _rank_normalise(scores: torch.Tensor) -> torch.Tensor:
@@ -327,6 +386,9 @@ SPECS = (
         ),
         needs_base=True,
         paper="https://arxiv.org/abs/2410.02396",
+        priors=(_pcb_peaks, _pcb_denominators),
+        score=_pcb_balance,
+        score_topk=_pcb_counts,
     ),
     MethodSpec(
         "widen",

@@ -79,19 +79,30 @@ class ParamSpec:
 class TensorFacts:
     """Whole-tensor facts a method asks for, computed over the whole tensor whatever part
     of it a call holds: per model, its top-k selections (one per count of
-    `MethodSpec.topk`); the selections of the method's own score (`MethodSpec.score`, one
-    per count of `score_topk`); per model, its sums over the tensor (`MethodSpec.sums`,
-    made with the selections known); per model,
+    `MethodSpec.topk`); per score of the method's own (`MethodSpec.score`), its
+    selections (one per count of `score_topk`); per model, its sums over the tensor
+    (`MethodSpec.sums`, made with the selections known); what each earlier statistics
+    pass found (`MethodSpec.priors`, in order); per model,
     the packed keep bits drawn with those sums (DARE's drop, drawn once); `offset`, the
     flat index of the first entry held (random draws depend on the position); per model,
     its sums over dim 0 (`BlockSums.grouped`: a column's norm, say), float64 tensors."""
 
     selections: Sequence[Sequence[Selection]] = ()
-    ranked: Sequence[Selection] = ()
+    ranked: Sequence[Sequence[Selection]] = ()
     sums: Sequence[Sequence[float]] = ()
     kept: Sequence[torch.Tensor | None] = ()
     offset: int = 0
     grouped: Sequence[Sequence[torch.Tensor]] = ()
+    priors: Sequence[Totals] = ()
+
+
+@dataclass(frozen=True)
+class Totals:
+    """What one of a method's earlier statistics passes (`MethodSpec.priors`) found over
+    the whole tensor: per model, each quantity's sum and each quantity's maximum."""
+
+    sums: Sequence[Sequence[float]] = ()
+    peaks: Sequence[Sequence[float]] = ()
 
 
 @dataclass(frozen=True)
@@ -139,11 +150,13 @@ class BlockSums:
     sums of each quantity it needs over the whole tensor; per model, the packed keep bits
     the merge of the same block reuses (or nothing); per model, quantities summed over
     dim 0 as `kernels.sums.group_sums` gives them (a partial per `MethodSpec.row_group`
-    rows), added group by group in order."""
+    rows), added group by group in order; per model, per-row maxima of quantities whose
+    maximum over the tensor is wanted (`Totals.peaks`)."""
 
     sums: list[list[torch.Tensor]]
     kept: list[torch.Tensor | None] = field(default_factory=list)
     grouped: list[list[torch.Tensor]] = field(default_factory=list)
+    peaks: list[list[torch.Tensor]] = field(default_factory=list)
 
 
 MethodFn = Callable[[MergeArgs], torch.Tensor]
@@ -179,9 +192,12 @@ class MethodSpec:
     # unchanged: a plain copy, no math
     count_hint: str = ""  # what to do instead when a recipe gives the wrong model count
     topk: TopK | None = None
-    score: MethodFn | None = None  # a non-negative score per entry, from a block's inputs
+    score: Callable[[MergeArgs], list[torch.Tensor]] | None = None  # non-negative scores
+    # of every entry (one tensor per score), from a block's inputs
     score_topk: ScoreTopK | None = None  # (method-wide parameters, entries) -> the k of
-    # each exact top-k selection of the score over the whole tensor (`TensorFacts.ranked`)
+    # each exact top-k selection of every score over the whole tensor (`TensorFacts.ranked`)
+    priors: tuple[Callable[[MergeArgs], BlockSums], ...] = ()  # statistics passes before
+    # the scores are ranked, in order; each sees the earlier ones' `Totals`
     sums: Callable[[MergeArgs], BlockSums] | None = None  # model i's sums run over every
     # entry of its tensor and of the base: finite sums vouch that those inputs are finite
     kept_bits: bool = False  # `sums` keeps a bit per entry and input for the merge pass
@@ -203,6 +219,7 @@ class MethodSpec:
             or self.topk is not None
             or self.score is not None
             or self.sums is not None
+            or bool(self.priors)
         )
 
     @property

@@ -223,9 +223,9 @@ def sce(args: MergeArgs) -> torch.Tensor:
     return args.base + merged
 
 
-def _sce_variance(args: MergeArgs) -> torch.Tensor:
+def _sce_variance(args: MergeArgs) -> list[torch.Tensor]:
     """The variance across models of each task-vector entry (SCE's selection score)."""
-    return torch.stack(list(_deltas(args))).var(dim=0, unbiased=False)
+    return [torch.stack(list(_deltas(args))).var(dim=0, unbiased=False)]
 
 
 def _sce_counts(params: Mapping[str, Any], numel: int) -> list[int]:
@@ -239,7 +239,7 @@ def _sce_selected(args: MergeArgs) -> torch.Tensor:
     ranked = args.whole.ranked
     if ranked:
         variance = stacked.var(dim=0, unbiased=False)
-        stacked.mul_(select_mask(variance, ranked[0]))
+        stacked.mul_(select_mask(variance, ranked[0][0]))
     return stacked
 
 

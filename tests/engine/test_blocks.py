@@ -44,6 +44,7 @@ from mergecli.methods.kernels.topk import keep_selected, kth_largest, top_k_mask
         ("sce", "base_model: {base}\nparameters: {{select_topk: 0.3}}\n"),
         ("sce", "base_model: {base}\n"),
         ("arcee_fusion", "base_model: {base}\n"),
+        ("pcb", "base_model: {base}\nparameters: {{ratio: 0.3, lambda: 0.8}}\n"),
         ("nuslerp", "parameters: {{nuslerp_flatten: false}}\n"),
         ("multislerp", "parameters: {{normalize_weights: false}}\n"),
         ("model_stock", "base_model: {base}\nparameters: {{filter_wise: true}}\n"),

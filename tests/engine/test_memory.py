@@ -97,14 +97,14 @@ def test_a_budget_that_cannot_be_met_is_warned_about(
     assert "is above --max-memory 250.00 MB: rows of some tensors are too big for it" in err
     della = write(
         tmp_path / "d.yaml",
-        f"merge_method: pcb\nbase_model: {family['base']}\nmodels:\n"
+        f"merge_method: tsv\nbase_model: {family['base']}\nmodels:\n"
         f"  - model: {family['a']}\n  - model: {family['b']}\n",
     )
     code, _, err = invoke(
         runner, "run", str(della), "-o", str(tmp_path / "d"), "--max-memory", limit
     )
     assert code == 0, err
-    assert "`pcb` needs some tensors whole (it does not run in row blocks)" in err
+    assert "`tsv` needs some tensors whole (it does not run in row blocks)" in err
 
 
 def test_what_dare_holds_between_passes_is_predicted(

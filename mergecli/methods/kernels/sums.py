@@ -85,3 +85,11 @@ def add_groups(total: torch.Tensor | None, partials: torch.Tensor) -> torch.Tens
     if total is None:  # a tensor without rows
         return torch.zeros(partials.shape[1:], dtype=torch.float64, device=partials.device)
     return total
+
+
+def row_max(values: torch.Tensor) -> torch.Tensor:
+    """The largest entry of each row (a 0-D or 1-D tensor is one row; -inf for no entry)."""
+    count = values.shape[0] if values.dim() > 1 else 1
+    if values.numel() == 0:
+        return torch.full((count,), -math.inf, dtype=values.dtype, device=values.device)
+    return values.reshape(count, -1).amax(dim=1)
