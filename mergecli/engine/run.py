@@ -16,6 +16,7 @@ from mergecli.engine.compute import Computed, compute_tensor
 from mergecli.engine.jobs import Job, plan_jobs
 from mergecli.engine.memory import Budget
 from mergecli.engine.pipeline import run_pipeline
+from mergecli.engine.prefetch import Prefetcher
 from mergecli.engine.process import uninterrupted
 from mergecli.engine.stats import StatsCache
 from mergecli.io.reader import TensorReader
@@ -85,6 +86,8 @@ def run_plan(
     stats = StatsCache(plan, reader, budget.block_elements, budget.workers)
 
     def compute(job: Job) -> Computed:
+        if ahead is not None:
+            ahead.started(job)
         chosen = stats.get(job)
         given = stats.take_inputs(job) if chosen is not None else None
         done = compute_tensor(
@@ -106,9 +109,11 @@ def run_plan(
         if job.final:
             stats.drop(job.index)
 
+    ahead: Prefetcher | None = None
     try:
         sink.open()
         jobs = plan_jobs(plan, sink.keep, budget.block_elements)
+        ahead = Prefetcher(plan, reader, jobs)
         run_pipeline(jobs, compute, store, budget)
         seconds = time.monotonic() - started
         files = sink.finish(None if reproducible else seconds)
@@ -119,6 +124,8 @@ def run_plan(
             output.discard(owned)
         raise
     finally:
+        if ahead is not None:
+            ahead.close()
         stats.close()
         reader.close()
     total = plan.total_bytes

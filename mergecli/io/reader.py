@@ -46,6 +46,17 @@ class _SafetensorsFile:
             raise OSError(f"short read of `{name}` ({got} of {end - begin} bytes)")
         return out.view(CODE_TO_TORCH[entry.dtype]).reshape(shape)
 
+    def advise(self, name: str, rows: Rows = None) -> None:
+        """Tell the kernel the bytes of `name` (or its `rows`) will be read soon."""
+        entry = self.header.entries[name]
+        begin, end = entry.begin, entry.end
+        if rows is not None and entry.shape:
+            row_bytes = (end - begin) // entry.shape[0]
+            begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+        if end > begin and hasattr(os, "posix_fadvise"):
+            start = self.header.data_start + begin
+            os.posix_fadvise(self.handle.fileno(), start, end - begin, os.POSIX_FADV_WILLNEED)
+
     def _read_at(self, buffer: memoryview, offset: int) -> int:
         """Fill `buffer` from `offset`; positioned reads need no lock between threads."""
         if not hasattr(os, "preadv"):
@@ -111,6 +122,18 @@ class TensorReader:
             raise CorruptFileError(
                 f"{model.label}: cannot read `{name}` from {info.file}: {exc}"
             ) from None
+
+    def prefetch(self, model: ModelInfo, name: str, rows: Rows = None) -> None:
+        """Advise the kernel to read tensor `name` of `model` (or its `rows`) ahead, for a
+        safetensors file; best effort (a failure here is the read's to report)."""
+        info = model.tensors.get(name)
+        if info is None or info.packed is not None or model.weight_format != "safetensors":
+            return
+        try:
+            opened = self._open(model, info.file)
+            opened.advise(name, rows)
+        except (OSError, KeyError, ValueError):
+            return
 
     def close(self) -> None:
         """Close every open file."""
