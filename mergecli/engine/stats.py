@@ -6,7 +6,7 @@ import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -299,6 +299,7 @@ class BlockStats:
     inputs_checked: bool = False
     grouped: list[list[torch.Tensor]] | None = None
     priors: tuple[Totals, ...] = ()
+    derived: Any = None
 
     def facts(self, offset: int) -> TensorFacts:
         """What the method of the block starting at flat index `offset` receives."""
@@ -310,6 +311,7 @@ class BlockStats:
             offset=offset,
             grouped=self.grouped or (),
             priors=self.priors,
+            derived=self.derived,
         )
 
 
@@ -328,7 +330,7 @@ class StatsCache:
 
     def get(self, job: Job) -> BlockStats | None:
         method = self.plan.method
-        needs = method.topk or method.score or method.sums or method.priors
+        needs = method.topk or method.score or method.sums or method.priors or method.derive
         if not needs or job.rows is None or job.tensor.copy:
             return None
         # the lock guards the table only: the main thread's `drop` and the jobs of other
@@ -352,6 +354,15 @@ class StatsCache:
         return serial(fn, items) if self.pool is None else self.pool.map(fn, items)
 
     def _compute(self, tensor: TensorPlan) -> dict[tuple[int, int] | None, BlockStats]:
+        found = self._found(tensor)
+        derive = self.plan.method.derive
+        if derive is None or not found:
+            return found
+        first = next(iter(found.values())).facts(0)
+        derived = derive(tensor.params, tuple(tensor.shape), first)
+        return {rows: replace(stats, derived=derived) for rows, stats in found.items()}
+
+    def _found(self, tensor: TensorPlan) -> dict[tuple[int, int] | None, BlockStats]:
         blocks = row_blocks(self.plan, tensor, self.block_elements)
         method = self.plan.method
         chosen = (

@@ -35,11 +35,13 @@ def whole_facts(spec: MethodSpec, args: MergeArgs) -> TensorFacts:
         scores = spec.score(replace(args, facts=TensorFacts(priors=priors))) if counts else []
         ranked = [[select_top(score, k) for k in counts] for score in scores]
     chosen = TensorFacts(selections=selections, ranked=ranked, priors=priors)
-    if spec.sums is None:
-        return chosen
-    found = spec.sums(replace(args, facts=chosen))
-    grouped = [[add_groups(None, q) for q in model] for model in found.grouped]
-    return replace(chosen, sums=totals(found).sums, kept=found.kept, grouped=grouped)
+    if spec.sums is not None:
+        found = spec.sums(replace(args, facts=chosen))
+        grouped = [[add_groups(None, q) for q in model] for model in found.grouped]
+        chosen = replace(chosen, sums=totals(found).sums, kept=found.kept, grouped=grouped)
+    if spec.derive is not None:
+        chosen = replace(chosen, derived=spec.derive(args.params, args.shape, chosen))
+    return chosen
 
 
 def totals(found: BlockSums) -> Totals:

@@ -11,7 +11,7 @@ import torch
 from mergecli.methods.kernels.selection import select_mask
 from mergecli.methods.kernels.sums import group_sums, row_max, row_sums
 from mergecli.methods.kernels.topk import keep_count
-from mergecli.methods.spec import BlockSums, MergeArgs, MethodSpec, ParamSpec
+from mergecli.methods.spec import BlockSums, MergeArgs, MethodSpec, ParamSpec, TensorFacts
 from mergecli.methods.task_vectors import LAMBDA
 
 
@@ -230,9 +230,18 @@ def tsv(args: MergeArgs) -> torch.Tensor:
     if not _tall(args.shape):
         return args.base + scale * _tsv_direct(deltas, rank)
     merged = torch.zeros_like(args.base)
-    for delta, mix in zip(deltas, tsv_mixes(args.whole.grouped, rank)):
+    for delta, mix in zip(deltas, args.whole.derived):
         merged.addmm_(delta, mix.to(delta.device, delta.dtype))
     return args.base + scale * merged
+
+
+def _tsv_derive(
+    params: Mapping[str, Any], shape: tuple[int, ...], facts: TensorFacts
+) -> list[torch.Tensor] | None:
+    """The mixing matrices of a tall matrix (`tsv_mixes`), once per tensor."""
+    if not facts.grouped:
+        return None
+    return tsv_mixes(facts.grouped, _tsv_rank(params, shape, len(facts.grouped)))
 
 
 def _tsv_rank(params: Mapping[str, Any], shape: tuple[int, ...], n: int) -> int:
@@ -364,6 +373,7 @@ SPECS = (
         needs_base=True,
         paper="https://arxiv.org/abs/2412.00081",
         sums=_tsv_grams,
+        derive=_tsv_derive,
         row_group=TSV_ROWS,
         whole_when=lambda params, shape: not _tall(shape),
     ),

@@ -85,7 +85,8 @@ class TensorFacts:
     pass found (`MethodSpec.priors`, in order); per model,
     the packed keep bits drawn with those sums (DARE's drop, drawn once); `offset`, the
     flat index of the first entry held (random draws depend on the position); per model,
-    its sums over dim 0 (`BlockSums.grouped`: a column's norm, say), float64 tensors."""
+    its sums over dim 0 (`BlockSums.grouped`: a column's norm, say), float64 tensors; and
+    what the method derives from all that once per tensor (`MethodSpec.derive`)."""
 
     selections: Sequence[Sequence[Selection]] = ()
     ranked: Sequence[Sequence[Selection]] = ()
@@ -94,6 +95,7 @@ class TensorFacts:
     offset: int = 0
     grouped: Sequence[Sequence[torch.Tensor]] = ()
     priors: Sequence[Totals] = ()
+    derived: Any = None
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,9 @@ class MethodSpec:
     # of every entry (one tensor per score), from a block's inputs
     score_topk: ScoreTopK | None = None  # (method-wide parameters, entries) -> the k of
     # each exact top-k selection of every score over the whole tensor (`TensorFacts.ranked`)
+    derive: Callable[[Mapping[str, Any], tuple[int, ...], TensorFacts], Any] | None = None
+    # (method-wide parameters, whole shape, facts) -> what every block of a tensor needs,
+    # computed once from its facts (`TensorFacts.derived`)
     priors: tuple[Callable[[MergeArgs], BlockSums], ...] = ()  # statistics passes before
     # the scores are ranked, in order; each sees the earlier ones' `Totals`
     sums: Callable[[MergeArgs], BlockSums] | None = None  # model i's sums run over every
