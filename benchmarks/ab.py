@@ -2,6 +2,7 @@
 benchmark recipes of `run.py`:
 
     python benchmarks/ab.py --against REV [--size 0.5b] [--repeat 3] [--methods ties ...]
+                            [--cold]
 
 For each recipe: the I/O floor, then mergecli with REV's code, then with this checkout's,
 repeated `--repeat` times in that order (a slow spell of a shared machine hits all three);
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument("--size", default="0.5b")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--methods", nargs="*", default=list(recipes(Path())))
+    parser.add_argument("--cold", action="store_true", help="empty the page cache before each")
     args = parser.parse_args()
     family = ensure_family(args.size, HERE / "_work" / args.size)
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,12 +71,12 @@ def main() -> None:
                 flush=True,
             )
             for method in args.methods:
-                print(row(method, family, old, args.repeat), flush=True)
+                print(row(method, family, old, args.repeat, args.cold), flush=True)
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)])
 
 
-def row(method: str, family: Path, old: Path, repeat: int) -> str:
+def row(method: str, family: Path, old: Path, repeat: int, cold: bool = False) -> str:
     """Interleaved timings of one recipe as a markdown row."""
     recipe = family / f"{method}.yaml"
     recipe.write_text(recipes(family)[method])
@@ -92,7 +94,7 @@ def row(method: str, family: Path, old: Path, repeat: int) -> str:
     }
     for _ in range(repeat):
         for key, argv in commands.items():
-            runs[key].append(timed(argv))
+            runs[key].append(timed(argv, cold))
             floor_file.unlink(missing_ok=True)
     for key in ("old", "new"):
         subprocess.run(["rm", "-rf", str(family / f"ab-{key}-{method}")], check=True)

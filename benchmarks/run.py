@@ -1,12 +1,13 @@
 """Time mergecli against the I/O floor on a benchmark family; print a table of ratios.
 
     python benchmarks/run.py [--size 0.5b] [--methods linear ties ...] [--compare-mergekit]
-                             [--repeat 3]
+                             [--repeat 3] [--cold]
 
 For each recipe, in one run: the I/O floor (read every input tensor once and write one
 model, `io_floor.py`), then `mergecli run` (and `mergekit-yaml` with --compare-mergekit when
 it is installed), each in its own process timed by /usr/bin/time (wall seconds, peak RSS).
-The page cache is warm (the floor runs first). With --repeat N the three commands run N
+The page cache is warm (the floor runs first), or emptied before every command with
+--cold (as root: sync, then /proc/sys/vm/drop_caches). With --repeat N the three commands run N
 times, interleaved (a slow spell of a shared machine then slows all of them), and the
 table shows median walls and the largest peak RSS; every wall is kept in the JSON.
 Targets are those of shared/spec/performance.md.
@@ -109,8 +110,22 @@ def ensure_family(size: str, family: Path) -> Path:
     return family
 
 
-def timed(command: list[str]) -> tuple[float, int]:
-    """Run `command` under /usr/bin/time; return (wall seconds, peak RSS bytes)."""
+def cold_cache() -> bool:
+    """Empty the page cache (sync, then drop caches: root only); False when not allowed,
+    and then a run whose inputs exceed RAM together still reads most of them from disk."""
+    subprocess.run(["sync"], check=True)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def timed(command: list[str], cold: bool = False) -> tuple[float, int]:
+    """Run `command` under /usr/bin/time (after emptying the page cache when `cold`);
+    return (wall seconds, peak RSS bytes)."""
+    if cold and not cold_cache():
+        print("cannot drop the page cache here (not root): timings are not cold", file=sys.stderr)
     done = subprocess.run(
         ["/usr/bin/time", "-f", "%e %M", *command], capture_output=True, text=True, check=False
     )
@@ -141,6 +156,11 @@ def main() -> None:
         type=int,
         default=1,
         help="time each command N times, interleaved; report the median wall and the largest peak",
+    )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="empty the page cache before every command (the floor is then the cold floor)",
     )
     args = parser.parse_args()
     family = ensure_family(args.size, args.work / args.size)
@@ -180,7 +200,7 @@ def main() -> None:
         runs: dict[str, list[tuple[float, int]]] = {key: [] for key in commands}
         for _ in range(args.repeat):  # interleaved, so a slow spell of the machine hits all
             for key, command in commands.items():
-                runs[key].append(timed(command))
+                runs[key].append(timed(command, args.cold))
                 floor_file.unlink(missing_ok=True)
                 shutil.rmtree(family / f"mk-{method}", ignore_errors=True)
         (floor, floor_rss), (wall, rss) = summary(runs["floor"]), summary(runs["mergecli"])
