@@ -76,4 +76,5 @@ SPEC = MethodSpec(
     paper="https://arxiv.org/abs/2504.18580",
     reads="trainer_state.json",
     prepare=mwa_weights,
+    elementwise=True,
 )

@@ -273,6 +273,13 @@ def test_mwa_weights_checkpoints_by_loss(
     for name in NAMES:
         expected = w["a"] * a[name].double() + w["b"] * b[name].double()
         close(got[name], expected, float(a[name].abs().max() + b[name].abs().max()))
+    from mergecli.cli._common import plan_recipe
+    from mergecli.engine.run import run_plan
+
+    plan = plan_recipe(write(tmp_path / "r1.yaml", text))
+    whole = run_plan(plan, tmp_path / "w", text, reproducible=True, block_elements=1 << 30)
+    cut = run_plan(plan, tmp_path / "c", text, reproducible=True, block_elements=100)
+    assert whole.files == cut.files  # element-wise: row blocks give the same bytes
     (tmp_path / "b" / "trainer_state.json").unlink()
     recipe = write(tmp_path / "r2.yaml", text)
     code, _, err = invoke(runner, "validate", str(recipe))
