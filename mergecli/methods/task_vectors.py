@@ -225,7 +225,17 @@ def sce(args: MergeArgs) -> torch.Tensor:
 
 def _sce_variance(args: MergeArgs) -> list[torch.Tensor]:
     """The variance across models of each task-vector entry (SCE's selection score)."""
-    return [torch.stack(list(_deltas(args))).var(dim=0, unbiased=False)]
+    return [_variance(torch.stack(list(_deltas(args))))]
+
+
+def _variance(stacked: torch.Tensor) -> torch.Tensor:
+    """Population variance over dim 0: the mean of squared deviations from the mean, two
+    passes (torch's `var` over a short outer dim is about 15x slower on CPU)."""
+    mean = stacked.sum(0).div_(stacked.shape[0])
+    total = torch.zeros_like(mean)
+    for row in stacked:
+        total.add_((row - mean).square_())
+    return total.div_(stacked.shape[0])
 
 
 def _sce_counts(params: Mapping[str, Any], numel: int) -> list[int]:
@@ -238,8 +248,7 @@ def _sce_selected(args: MergeArgs) -> torch.Tensor:
     stacked = torch.stack(list(_deltas(args)))
     ranked = args.whole.ranked
     if ranked:
-        variance = stacked.var(dim=0, unbiased=False)
-        stacked.mul_(select_mask(variance, ranked[0][0]))
+        stacked.mul_(select_mask(_variance(stacked), ranked[0][0]))
     return stacked
 
 
