@@ -69,24 +69,6 @@ def test_blocks_are_byte_identical(
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "blocks" / name).read_bytes()
 
 
-def test_widen_blocks_start_at_row_groups_and_are_byte_identical(
-    family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(research, "WIDEN_ROWS", 4)  # the family's embedding has 32 rows
-    text = (
-        f"merge_method: widen\nbase_model: {family['base']}\nparameters: {{t: 1.1, s: 0.8}}\n"
-        f"models:\n  - model: {family['a']}\n  - model: {family['b']}\n"
-    )
-    plan = plan_recipe(write(tmp_path / "r.yaml", text))
-    plan = replace(plan, method=replace(plan.method, row_group=4))
-    embed = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
-    blocks = row_blocks(plan, embed, 100)
-    assert len(blocks) > 2 and all(b is not None and b[0] % 4 == 0 for b in blocks)
-    whole = run_plan(plan, tmp_path / "whole", text, reproducible=True, block_elements=1 << 30)
-    cut = run_plan(plan, tmp_path / "blocks", text, reproducible=True, block_elements=100)
-    assert whole.files == cut.files
-
-
 def test_column_slerps_and_wide_tsv_matrices_are_not_blocked(
     family: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -108,18 +90,27 @@ def test_column_slerps_and_wide_tsv_matrices_are_not_blocked(
     assert blocks(recipe("tsv", "{}"), down) == [None]  # wide: rows < columns
 
 
-def test_tsv_blocks_start_at_row_groups_and_match_the_whole_tensor(
-    family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("method", "knob", "params"),
+    [("widen", "WIDEN_ROWS", "{t: 1.1, s: 0.8}"), ("tsv", "TSV_ROWS", "{rank_fraction: 0.5}")],
+)
+def test_row_group_blocks_start_at_groups_and_are_byte_identical(
+    family: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    knob: str,
+    params: str,
 ) -> None:
-    monkeypatch.setattr(research, "TSV_ROWS", 4)
+    monkeypatch.setattr(research, knob, 4)  # the family's embedding has 32 rows
     text = (
-        f"merge_method: tsv\nbase_model: {family['base']}\nparameters: {{rank_fraction: 0.5}}\n"
+        f"merge_method: {method}\nbase_model: {family['base']}\nparameters: {params}\n"
         f"models:\n  - model: {family['a']}\n  - model: {family['b']}\n"
     )
     plan = plan_recipe(write(tmp_path / "r.yaml", text))
     plan = replace(plan, method=replace(plan.method, row_group=4))
     embed = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
-    blocks = row_blocks(plan, embed, 100)  # tall: rows >= columns
+    blocks = row_blocks(plan, embed, 100)  # tall (TSV): rows >= columns
     assert len(blocks) > 2 and all(b is not None and b[0] % 4 == 0 for b in blocks)
     whole = run_plan(plan, tmp_path / "whole", text, reproducible=True, block_elements=1 << 30)
     cut = run_plan(plan, tmp_path / "blocks", text, reproducible=True, block_elements=100)
