@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -144,8 +145,7 @@ def block_ranked(
             load_checked(plan, r.model, r.name, reader, torch.float32, rows, check=False)
             for r in refs
         ]
-        facts = lambda at: TensorFacts(priors=priors, offset=at)  # noqa: E731
-        return score_of(merge_args(plan, tensor, loaded, rows, facts))
+        return score_of(merge_args(plan, tensor, loaded, rows, partial(_prior_facts, priors)))
 
     first = scores(blocks[0])
     selectors = [[Selector(k, tensor.numel, len(blocks)) for k in counts] for _ in first]
@@ -159,6 +159,10 @@ def block_ranked(
         rows: [[s.selection(j) for s in chosen] for chosen in selectors]
         for j, rows in enumerate(blocks)
     }
+
+
+def _prior_facts(priors: Sequence[Totals], offset: int) -> TensorFacts:
+    return TensorFacts(priors=priors, offset=offset)
 
 
 def _zero_counts(deltas: Iterable[torch.Tensor | None]) -> list[int]:
@@ -196,6 +200,7 @@ class SumsFound:
     inputs: list[list[torch.Tensor] | None]
     grouped: list[list[torch.Tensor]]
     peaks: list[list[float]]
+    empty: bool = False  # the first block found nothing: the pass stopped there
 
 
 def block_sums(
@@ -252,7 +257,11 @@ def block_sums(
     result = SumsFound([], [], [], [], [])
     parts: list[list[list[list[float]]]] = []
     grouped: list[list[torch.Tensor | None]] = []
-    for sums, kept, inputs, partials, peaks in map_blocks(one, blocks):
+    first = one(blocks[0]) if blocks else None
+    if first is not None and not _finds_anything(first):
+        return replace(result, empty=True)  # these parameters need no statistics: skip
+    rest = map_blocks(one, blocks[1:])
+    for sums, kept, inputs, partials, peaks in itertools.chain([first] if first else [], rest):
         result.peaks = [
             [max(a, b) for a, b in zip(old, new)] for old, new in zip(result.peaks, peaks)
         ] or peaks
@@ -268,6 +277,13 @@ def block_sums(
     ]
     result.grouped = [[t for t in model if t is not None] for model in grouped]
     return result
+
+
+def _finds_anything(found: tuple[Any, ...]) -> bool:
+    """Whether a block's statistics hold any quantity (sums, keep bits, groups, peaks)."""
+    sums, kept, _, grouped, peaks = found
+    quantities = [*sums, *grouped, *peaks]
+    return any(len(q) for q in quantities) or any(k is not None for k in kept)
 
 
 class _BitStore:
@@ -410,6 +426,16 @@ class StatsCache:
             priors=priors,
             check=not priors,
         )
+        if found.empty:  # the merge pass checks the inputs
+            return {
+                rows: BlockStats(
+                    chosen.get(rows),
+                    ranked.get(rows),
+                    inputs_checked=bool(priors),
+                    priors=tuple(priors),
+                )
+                for rows in blocks
+            }
         if keep:
             with self.lock:
                 self.inputs.update(

@@ -408,3 +408,35 @@ def test_a_window_with_too_many_patterns_falls_back_to_the_second_pass(
     predicted = _select(values, k, blocks, predict=True)
     assert predicted == _select(values, k, blocks, predict=False)
     assert predicted[0].threshold == float(values.reshape(-1).sort(descending=True).values[k - 1])
+
+
+def test_a_statistics_pass_that_finds_nothing_stops_after_the_first_block(
+    family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergecli.engine.stats import block_sums
+    from mergecli.io.reader import TensorReader
+
+    text = (
+        f"merge_method: della\nbase_model: {family['base']}\n"
+        "parameters: {rescale_mode: inverse_density}\nmodels:\n"
+        f"  - model: {family['a']}\n    parameters: {{weight: 1, density: 0.5}}\n"
+    )
+    monkeypatch.setattr(bernoulli, "DRAW_CHUNK", 64)
+    plan = plan_recipe(write(tmp_path / "r.yaml", text))
+    embed = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
+    blocks = row_blocks(plan, embed, 100)
+    reads: list[tuple[int, int] | None] = []
+    original = TensorReader.read
+
+    def counting(self: TensorReader, model: object, name: str, rows: object = None) -> object:
+        reads.append(rows)  # type: ignore[arg-type]
+        return original(self, model, name, rows)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(TensorReader, "read", counting)
+    found = block_sums(plan, embed, TensorReader(), blocks)
+    assert found.empty and reads == [blocks[0], blocks[0]]  # the model and the base, once
+    l1 = plan_recipe(write(tmp_path / "l1.yaml", text.replace("inverse_density", "l1")))
+    reads.clear()
+    l1_embed = next(t for t in l1.tensors if t.name == embed.name)
+    assert not block_sums(l1, l1_embed, TensorReader(), blocks).empty
+    assert len(reads) == 2 * len(blocks)
