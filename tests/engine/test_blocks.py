@@ -440,3 +440,32 @@ def test_a_statistics_pass_that_finds_nothing_stops_after_the_first_block(
     l1_embed = next(t for t in l1.tensors if t.name == embed.name)
     assert not block_sums(l1, l1_embed, TensorReader(), blocks).empty
     assert len(reads) == 2 * len(blocks)
+
+
+@pytest.mark.parametrize("predict", [False, True])
+def test_a_full_dense_bucket_kept_as_uint16_counts_selects_as_a_stable_sort(predict: bool) -> None:
+    """Every entry in one radix bucket with most of its 65536 patterns present (PCB's
+    balance scores look like this): blocks keep uint16 histograms, the result is exact."""
+    gen = torch.Generator().manual_seed(3)
+    patterns = torch.randint(0, 65536, (120_000,), generator=gen, dtype=torch.int32)
+    patterns[:500] = 777  # ties at one pattern, across blocks
+    bits = patterns + int(torch.tensor(1.0).view(torch.int32)) + 1  # inside one bucket
+    values = bits.view(torch.float32).reshape(1200, 100)
+    blocks = [(0, 5), (5, 400), (400, 801), (801, 1200)]
+    flat = bits.tolist()
+    for k in (1, 250, 60_000, 119_999):
+        selector = Selector(k, values.numel(), len(blocks))
+        if predict:
+            selector.predict(values[:5])
+        for j, (s, e) in enumerate(blocks):
+            selector.observe(0, j, values[s:e])
+        assert selector.second_pass()
+        for j, (s, e) in enumerate(blocks):
+            selector.observe(1, j, values[s:e])
+        if not predict:
+            assert all(low is not None and low.dtype == torch.uint16 for low in selector.lows[1:])
+        masks = [select_mask(values[s:e], selector.selection(j)) for j, (s, e) in enumerate(blocks)]
+        order = sorted(range(len(flat)), key=lambda i: (-flat[i], i))[:k]
+        expected = torch.zeros(len(flat), dtype=torch.bool)
+        expected[order] = True
+        assert torch.equal(torch.cat(masks).reshape(-1), expected)

@@ -143,7 +143,7 @@ class Selector:
             if self._total is None:
                 self._total = torch.zeros(LOW_BUCKETS, dtype=torch.int64)
             self._total.add_(counts)
-            self.lows[block] = _pairs(counts)
+            self.lows[block] = _compact(counts)
         else:
             self.lows[block] = counts
 
@@ -238,8 +238,22 @@ def _pairs(counts: torch.Tensor) -> torch.Tensor:
     return torch.stack([present, counts[present]]).to(torch.int32)
 
 
+def _compact(counts: torch.Tensor) -> torch.Tensor:
+    """A block's histogram of a dense bucket as kept until the threshold is known: its
+    nonzero bins as (offset, count) pairs, or, when more than a quarter of the bins are
+    nonzero and every count fits, all LOW_BUCKETS counts as uint16 (128 KB, a quarter of
+    the pairs of a full histogram)."""
+    present = int(torch.count_nonzero(counts))
+    if present * 4 > LOW_BUCKETS and int(counts.max()) <= 0xFFFF:
+        return counts.to(torch.uint16)
+    return _pairs(counts)
+
+
 def _count_at(low: torch.Tensor, offset: int) -> int:
-    """The count at `offset` of a block's (offsets, counts) pairs."""
+    """The count at `offset` of a block's kept histogram (`_compact`: uint16 counts, or
+    (offset, count) pairs)."""
+    if low.dim() == 1:
+        return int(low[offset])
     hit = torch.nonzero(low[0] == offset).reshape(-1)
     return int(low[1, hit[0]]) if hit.numel() else 0
 
