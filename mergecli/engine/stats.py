@@ -404,16 +404,17 @@ class StatsCache:
             if method.score
             else {}
         )
+        without_sums = {  # the merge pass checks inputs no earlier pass read
+            rows: BlockStats(
+                chosen.get(rows),
+                ranked.get(rows),
+                inputs_checked=bool(priors),
+                priors=tuple(priors),
+            )
+            for rows in blocks
+        }
         if method.sums is None:
-            return {
-                rows: BlockStats(
-                    chosen.get(rows),
-                    ranked.get(rows),
-                    inputs_checked=bool(priors),
-                    priors=tuple(priors),
-                )
-                for rows in blocks
-            }
+            return without_sums
         keep = input_cache_bytes(self.plan, tensor, self.block_elements) > 0
         found = block_sums(
             self.plan,
@@ -426,16 +427,8 @@ class StatsCache:
             priors=priors,
             check=not priors,
         )
-        if found.empty:  # the merge pass checks the inputs
-            return {
-                rows: BlockStats(
-                    chosen.get(rows),
-                    ranked.get(rows),
-                    inputs_checked=bool(priors),
-                    priors=tuple(priors),
-                )
-                for rows in blocks
-            }
+        if found.empty:
+            return without_sums
         if keep:
             with self.lock:
                 self.inputs.update(
