@@ -36,8 +36,10 @@ class Prefetcher:
         k = self.position[(job.index, job.rows)]
         with self.lock:
             start, stop, ahead = max(self.advised, k + 1), k + 1, 0
-            while stop < len(self.jobs) and ahead + self._bytes(self.jobs[stop]) <= PREFETCH_BYTES:
+            while stop < len(self.jobs):
                 ahead += self._bytes(self.jobs[stop])
+                if ahead > PREFETCH_BYTES:
+                    break
                 stop += 1
             if stop <= start:
                 return

@@ -20,7 +20,7 @@ from mergecli.engine.memory import input_cache_bytes
 from mergecli.engine.numerics import check_unvouched
 from mergecli.io.reader import TensorReader
 from mergecli.methods.kernels.selection import Selection, Selector, zero_count
-from mergecli.methods.kernels.sums import add_groups
+from mergecli.methods.kernels.sums import add_groups, largest
 from mergecli.methods.spec import BlockSums, MergeArgs, TensorFacts, Totals
 from mergecli.plan.types import MergePlan, TensorPlan
 
@@ -249,7 +249,7 @@ def block_sums(
             None if k is None else bits.keep(m, index[rows], k) for m, k in enumerate(found.kept)
         ]
         sums = [[r.tolist() for r in quantities] for quantities in found.sums]
-        peaks = [[float(r.max()) if r.numel() else -math.inf for r in q] for q in found.peaks]
+        peaks = [[largest(r) for r in q] for q in found.peaks]
         if check:
             check_unvouched(plan, refs, inputs, sums, tensor.base is not None)
         return sums, kept, inputs if keep_inputs else None, found.grouped, peaks
@@ -346,8 +346,7 @@ class StatsCache:
 
     def get(self, job: Job) -> BlockStats | None:
         method = self.plan.method
-        needs = method.topk or method.score or method.sums or method.priors or method.derive
-        if not needs or job.rows is None or job.tensor.copy:
+        if not method.needs_facts or job.rows is None or job.tensor.copy:
             return None
         # the lock guards the table only: the main thread's `drop` and the jobs of other
         # tensors must not wait for a statistics pass

@@ -3,13 +3,12 @@ over row blocks, `engine.stats`); equal to them bit for bit."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import torch
 
 from mergecli.methods.kernels.selection import Selection
-from mergecli.methods.kernels.sums import add_groups, exact_total
+from mergecli.methods.kernels.sums import add_groups, exact_total, largest
 from mergecli.methods.kernels.topk import select_top
 from mergecli.methods.spec import BlockSums, MergeArgs, MethodSpec, TensorFacts, Totals
 
@@ -48,16 +47,13 @@ def totals(found: BlockSums) -> Totals:
     """A whole tensor's sums (added exactly) and maxima from its statistics."""
     return Totals(
         sums=[[exact_total([rows]) for rows in model] for model in found.sums],
-        peaks=[
-            [float(rows.max()) if rows.numel() else -math.inf for rows in model]
-            for model in found.peaks
-        ],
+        peaks=[[largest(rows) for rows in model] for model in found.peaks],
     )
 
 
 def apply(spec: MethodSpec, args: MergeArgs) -> torch.Tensor:
     """`spec`'s method on `args`, with the whole-tensor facts it needs computed first when
     `args` holds whole tensors and no facts."""
-    if args.facts is None and (spec.topk or spec.score or spec.sums or spec.priors):
+    if args.facts is None and spec.needs_facts:
         args = replace(args, facts=whole_facts(spec, args))
     return spec.fn(args)

@@ -228,6 +228,11 @@ class MethodSpec:
         )
 
     @property
+    def needs_facts(self) -> bool:
+        """True when the method reads whole-tensor facts (`TensorFacts`) of any kind."""
+        return bool(self.topk or self.score or self.sums or self.priors or self.derive)
+
+    @property
     def uses_base(self) -> bool:
         """True when a given base model is taken apart from the other inputs."""
         return self.needs_base or self.optional_base

@@ -87,6 +87,11 @@ def add_groups(total: torch.Tensor | None, partials: torch.Tensor) -> torch.Tens
     return total
 
 
+def largest(values: torch.Tensor) -> float:
+    """The largest entry (-inf for none): per-row maxima reduced to a tensor's maximum."""
+    return float(values.max()) if values.numel() else -math.inf
+
+
 def row_max(values: torch.Tensor) -> torch.Tensor:
     """The largest entry of each row (a 0-D or 1-D tensor is one row; -inf for no entry)."""
     count = values.shape[0] if values.dim() > 1 else 1
