@@ -133,7 +133,7 @@ def merge_state_dicts(
     models = _memory_models(loaded.recipe, state_dicts, configs or {})
     merge = build_plan(loaded.recipe, seed=seed, resolve=lambda ref: models[ref])
     where = resolve_device(device)
-    reader = TensorReader()
+    reader = TensorReader(merge.models)
     out = {}
     for tensor in merge.tensors:
         computed = compute_tensor(merge, tensor, reader, device=where).tensor

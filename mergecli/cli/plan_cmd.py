@@ -55,7 +55,14 @@ def _tensor(plan: MergePlan, tensor: TensorPlan) -> dict[str, Any]:
         "op": "copy" if tensor.copy else plan.method.name,
         "layer": tensor.layer,
         "t": tensor.t,
-        "inputs": [{"model": str(plan.refs[r.model]), "tensor": r.name} for r in tensor.inputs],
+        "inputs": [
+            {
+                "model": str(plan.refs[r.model]),
+                "tensor": r.name,
+                "fold": _fold(plan, r.model, r.name),
+            }
+            for r in tensor.inputs
+        ],
         "base": None
         if tensor.base is None
         else {"model": str(plan.refs[tensor.base.model]), "tensor": tensor.base.name},
@@ -63,6 +70,27 @@ def _tensor(plan: MergePlan, tensor: TensorPlan) -> dict[str, Any]:
         "per_model": [dict(p) for p in tensor.per_model],
         "rows_reindexed": tensor.vocab_names is not None,
     }
+
+
+def _fold(plan: MergePlan, model: int, name: str) -> dict[str, Any] | None:
+    """How an adapter changes this input as it is read (None: read as stored)."""
+    found = plan.models[model].tensors[name].fold
+    if found is None:
+        return None
+    if found.replace is not None:
+        return {"adapter": found.adapter.label, "kind": "replace", "tensor": found.replace}
+    kind = "bias" if found.a is None else "dora" if found.magnitude else "lora"
+    rank = None if found.a is None else found.adapter.tensors[found.a].shape[0]
+    return {"adapter": found.adapter.label, "kind": kind, "rank": rank, "scale": found.scale}
+
+
+def _input_label(row: dict[str, Any]) -> str:
+    fold = row["fold"]
+    if fold is None:
+        return str(row["model"])
+    rank = fold.get("rank")
+    what = fold["kind"] if rank is None else f"{fold['kind']} r{rank}"
+    return f"{row['model']} (+{what})"
 
 
 def plan(
@@ -100,7 +128,7 @@ def plan(
             row["dtype"],
             row["op"],
             f"{row['t']:.3g}",
-            ", ".join(i["model"] for i in row["inputs"])
+            ", ".join(_input_label(i) for i in row["inputs"])
             + (f" (base {row['base']['model']})" if row["base"] else ""),
             json.dumps(params) if params else "",
         )

@@ -11,6 +11,21 @@ from mergecli.cli._common import plan_recipe
 from mergecli.cli._console import STDERR
 from mergecli.cli._errors import exit_code_of, render_error
 from mergecli.cli._options import StrictOpt
+from mergecli.io.checkpoint import ModelInfo
+
+
+def fold_summary(model: ModelInfo) -> str | None:
+    """What an adapter does to its base, for one line of `validate` (None: no adapter)."""
+    folds = [t.fold for t in model.tensors.values() if t.fold is not None]
+    if not folds:
+        return None
+    ranks = sorted({f.adapter.tensors[f.a].shape[0] for f in folds if f.a is not None})
+    dora = sum(1 for f in folds if f.magnitude is not None)
+    replaced = sum(1 for f in folds if f.replace is not None)
+    text = f"LoRA folded into {len(folds) - replaced} tensors"
+    if ranks:
+        text += f" (rank {', '.join(map(str, ranks))}{f'; {dora} DoRA' if dora else ''})"
+    return text + (f", {replaced} replaced (modules_to_save)" if replaced else "")
 
 
 def validate(
@@ -38,6 +53,10 @@ def validate(
         print(
             f"ok: {path} ({plan.method.name}, {len(plan.models)} models, {len(plan.tensors)} tensors)"
         )
+        for model in plan.models:
+            summary = fold_summary(model)
+            if summary:
+                print(f"  {model.label}: {summary}")
     if failed:
         count = len(recipes)
         STDERR.print(f"{len(failed)} of {count} recipe{'s' if count != 1 else ''} invalid")

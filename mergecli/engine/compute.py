@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergecli.engine.inputs import input_refs, load_checked, merge_args, work_dtype
+from mergecli.engine.inputs import input_refs, load_all, load_checked, merge_args, work_dtype
 from mergecli.engine.numerics import cast_checked, check_finite
 from mergecli.engine.stats import BlockStats
 from mergecli.errors import NumericsError
@@ -55,10 +55,7 @@ def compute_tensor(
     loaded = (
         [t.to(device) for t in given]
         if given is not None
-        else [
-            load_checked(plan, r.model, r.name, reader, work, rows, device, check)
-            for r in input_refs(tensor)
-        ]
+        else load_all(plan, input_refs(tensor), reader, work, rows, device, check)
     )
     args = merge_args(plan, tensor, loaded, rows, stats.facts if stats else lambda _: None)
     base = args.base
@@ -84,7 +81,8 @@ def _compute_vocab(
     names = tensor.vocab_names
     codes = [plan.models[m].tensors[n].dtype for m, n in names.items()]
     work = math_dtype(tensor.dtype, codes)
-    loaded = {m: load_checked(plan, m, n, reader, work, None) for m, n in names.items()}
+    with reader.sharing():
+        loaded = {m: load_checked(plan, m, n, reader, work, None) for m, n in names.items()}
     result = merge_rows(plan.vocab, tensor, loaded, plan.method, plan.seed)
     cast, clamped = cast_checked(result, CODE_TO_TORCH[tensor.dtype], tensor.name, clamp)
     return Computed(cast, [], clamped)

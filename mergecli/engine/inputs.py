@@ -39,6 +39,26 @@ def load_checked(
     return tensor
 
 
+def load_all(
+    plan: MergePlan,
+    refs: list[InputRef],
+    reader: TensorReader,
+    work: torch.dtype,
+    rows: tuple[int, int] | None,
+    device: torch.device | None = None,
+    check: bool = True,
+) -> list[torch.Tensor]:
+    """Every input of `refs` read and converted (see `load_checked`); a stored tensor that
+    several inputs share (one base under several adapters) is read once, and no two
+    entries of the list are one tensor (methods may change their inputs in place)."""
+    loaded: list[torch.Tensor] = []
+    with reader.sharing():
+        for r in refs:
+            tensor = load_checked(plan, r.model, r.name, reader, work, rows, device, check)
+            loaded.append(tensor.clone() if any(t is tensor for t in loaded) else tensor)
+    return loaded
+
+
 def merge_args(
     plan: MergePlan,
     tensor: TensorPlan,

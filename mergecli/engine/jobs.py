@@ -41,9 +41,25 @@ def job_bytes(plan: MergePlan, tensor: TensorPlan, rows: tuple[int, int] | None)
     float32 copies per input (`MethodSpec.peak_copies`), or COPY_OVERHEAD times the bytes of
     a copy."""
     numel = block_numel(tensor, rows)
+    folding = fold_bytes(plan, tensor, rows)
     if tensor.copy:
-        return COPY_OVERHEAD * numel * ITEMSIZE[tensor.dtype]
+        return COPY_OVERHEAD * numel * ITEMSIZE[tensor.dtype] + folding
     inputs = len(tensor.inputs) + (1 if tensor.base is not None else 0)
     if tensor.vocab_names is not None:
         inputs = len(tensor.vocab_names) + 2
-    return int(plan.method.peak_copies * inputs * numel * 4)
+    return int(plan.method.peak_copies * inputs * numel * 4) + folding
+
+
+def fold_bytes(plan: MergePlan, tensor: TensorPlan, rows: tuple[int, int] | None) -> int:
+    """Working bytes of folding an adapter into an input as it is read (one at a time): the
+    stored base, it in float32, and the float32 result; a fold that needs the whole tensor
+    (DoRA down columns) holds the whole tensor's."""
+    most = 0
+    for ref in (*tensor.inputs, *([tensor.base] if tensor.base else [])):
+        found = plan.models[ref.model].tensors[ref.name].fold
+        if found is None or found.replace is not None:
+            continue
+        whole = found.magnitude is not None and found.transposed
+        numel = block_numel(tensor, None if whole else rows)
+        most = max(most, numel * (8 + ITEMSIZE[found.base.dtype]))
+    return most

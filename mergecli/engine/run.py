@@ -82,7 +82,7 @@ def run_plan(
         with uninterrupted():
             output.discard(owned)
         raise
-    reader = TensorReader()
+    reader = TensorReader(plan.models)
     stats = StatsCache(plan, reader, budget.block_elements, budget.workers)
 
     def compute(job: Job) -> Computed:

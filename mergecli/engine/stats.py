@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from mergecli.engine.blocks import block_numel, row_blocks
-from mergecli.engine.inputs import input_refs, load_checked, merge_args, work_dtype
+from mergecli.engine.inputs import input_refs, load_all, load_checked, merge_args, work_dtype
 from mergecli.engine.jobs import Job
 from mergecli.engine.memory import input_cache_bytes
 from mergecli.engine.numerics import check_unvouched
@@ -56,9 +56,14 @@ def block_selections(
         return load_checked(plan, model, name, reader, torch.float32, rows, check=False)
 
     def deltas(rows: tuple[int, int] | None) -> Iterator[torch.Tensor | None]:
-        base = read(base_ref.model, base_ref.name, rows)
-        for ref, chosen in zip(tensor.inputs, selectors):
-            yield read(ref.model, ref.name, rows).sub_(base) if chosen else None
+        with reader.sharing():
+            base = read(base_ref.model, base_ref.name, rows)
+            for ref, chosen in zip(tensor.inputs, selectors):
+                if not chosen:
+                    yield None
+                    continue
+                found = read(ref.model, ref.name, rows)
+                yield found - base if found is base else found.sub_(base)
 
     def zeros(rows: tuple[int, int] | None) -> list[int]:
         return _zero_counts(deltas(rows))
@@ -141,10 +146,8 @@ def block_ranked(
     refs = input_refs(tensor)
 
     def scores(rows: tuple[int, int] | None) -> list[torch.Tensor]:
-        loaded = [  # unchecked: the merge pass checks every input
-            load_checked(plan, r.model, r.name, reader, torch.float32, rows, check=False)
-            for r in refs
-        ]
+        # unchecked: the merge pass checks every input
+        loaded = load_all(plan, refs, reader, torch.float32, rows, check=False)
         return score_of(merge_args(plan, tensor, loaded, rows, partial(_prior_facts, priors)))
 
     first = scores(blocks[0])
@@ -230,9 +233,7 @@ def block_sums(
     index = {rows: j for j, rows in enumerate(blocks)}
 
     def one(rows: tuple[int, int] | None) -> tuple[Any, ...]:
-        loaded = [
-            load_checked(plan, r.model, r.name, reader, work, rows, check=False) for r in refs
-        ]
+        loaded = load_all(plan, refs, reader, work, rows, check=False)
         inputs = list(loaded)
         chosen = ranked[rows] if ranked else ()
         facts = merge_args(

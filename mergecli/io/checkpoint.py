@@ -31,16 +31,38 @@ class Packed:
     block: tuple[int, int] | None = None
 
 
+@dataclass(frozen=True, eq=False)
+class Fold:
+    """A tensor of a base model with a LoRA adapter applied on read (`mergecli.io.fold`):
+    the base tensor `base` plus `scale * B @ A` (transposed when `transposed`: GPT-2's
+    Conv1D and embeddings), rescaled to DoRA's `magnitude` when it has one; with only `b`
+    (a LoRA bias vector), the base plus `scale * b`; with `replace`, the adapter's own
+    tensor (`modules_to_save`, saved embeddings). Names are tensors of `adapter`; so is
+    `base` when `base_in_adapter` (an embedding PEFT saved whole beside its LoRA)."""
+
+    adapter: ModelInfo
+    base: TensorInfo
+    a: str | None = None
+    b: str | None = None
+    scale: float = 1.0
+    transposed: bool = False
+    magnitude: str | None = None
+    replace: str | None = None
+    base_in_adapter: bool = False
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor lives and what it is (for a quantized tensor, its dequantized dtype
-    and shape, with the stored tensors in `packed`)."""
+    and shape, with the stored tensors in `packed`; for a tensor with a LoRA adapter
+    applied, the base tensor and adapter in `fold`)."""
 
     name: str
     file: str
     dtype: str
     shape: tuple[int, ...]
     packed: Packed | None = None
+    fold: Fold | None = None
 
     @property
     def nbytes(self) -> int:
@@ -62,6 +84,25 @@ class ModelInfo:
     def total_bytes(self) -> int:
         """Bytes of all tensor data."""
         return sum(t.nbytes for t in self.tensors.values())
+
+
+def stored_parts(model: ModelInfo, info: TensorInfo) -> list[tuple[tuple[str, str, str], int]]:
+    """The stored tensors reading `info` of `model` reads, as (source, file, name) keys
+    with their bytes: the tensor itself, or a fold's base tensor and adapter tensors (a
+    base that several adapters fold into has one key)."""
+    found = info.fold
+    if found is None:
+        return [((model.source.label, info.file, info.name), info.nbytes)]
+    adapter = found.adapter
+    names = [n for n in (found.a, found.b, found.magnitude, found.replace) if n is not None]
+    parts = [
+        ((adapter.source.label, adapter.tensors[n].file, n), adapter.tensors[n].nbytes)
+        for n in names
+    ]
+    if found.replace is None:
+        owner = adapter if found.base_in_adapter else model
+        parts.append(((owner.source.label, found.base.file, found.base.name), found.base.nbytes))
+    return parts
 
 
 def load_model_info(source: ModelSource) -> ModelInfo:

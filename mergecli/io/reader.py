@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import os
 import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from mergecli.errors import CorruptFileError
 from mergecli.io.checkpoint import ModelInfo, TensorInfo, load_bin
 from mergecli.io.dequant import dequantize
 from mergecli.io.dtypes import CODE_TO_TORCH
+from mergecli.io.fold import fold
 from mergecli.io.header import Header, read_header
 
 Rows = tuple[int, int] | None
@@ -75,12 +78,31 @@ class _SafetensorsFile:
 class TensorReader:
     """Opens each input file once and hands out tensors by (model, name)."""
 
-    def __init__(self) -> None:
+    def __init__(self, models: Sequence[ModelInfo] = ()) -> None:
         self._files: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
+        self._shared = threading.local()
+        self._bases = {
+            m.source.label for m in models if any(t.fold for t in m.tensors.values())
+        }  # sources that adapters fold into: their reads are shared within `sharing`
+
+    @contextmanager
+    def sharing(self) -> Iterator[None]:
+        """Within the block, reading one stored tensor again (a base that several adapters
+        fold into, and the base itself) returns the tensor read first: the base is read
+        once per job. A shared tensor may be handed out twice: callers must not change
+        the tensors they read in place unless they know it was read once."""
+        if getattr(self._shared, "found", None) is not None:
+            yield
+            return
+        self._shared.found = {}
+        try:
+            yield
+        finally:
+            self._shared.found = None
 
     def _open(self, model: ModelInfo, filename: str) -> Any:
-        key = (model.label, filename)
+        key = (model.source.label, filename)
         with self._lock:
             if key not in self._files:
                 path = model.source.local(filename)
@@ -98,6 +120,15 @@ class TensorReader:
         """The tensor `name` of `model` (only rows [start, stop) when `rows` is given), as
         stored (no dtype conversion), or dequantized to float32 when stored packed."""
         info = model.tensors[name]
+        if info.fold is not None:
+            if not info.fold.base_in_adapter:
+                self._bases.add(model.source.label)
+            return fold(
+                info.fold, rows, lambda part, found, at: self._plain(part or model, found, at)
+            )
+        return self._plain(model, info, rows)
+
+    def _plain(self, model: ModelInfo, info: TensorInfo, rows: Rows) -> torch.Tensor:
         if info.packed is not None:
             return dequantize(
                 info, lambda part, part_rows: self._stored(model, part, part_rows), rows
@@ -105,6 +136,17 @@ class TensorReader:
         return self._stored(model, info, rows)
 
     def _stored(self, model: ModelInfo, info: TensorInfo, rows: Rows) -> torch.Tensor:
+        found: dict[tuple[str, str, str, Rows], torch.Tensor] | None = getattr(
+            self._shared, "found", None
+        )
+        if found is None or model.source.label not in self._bases:
+            return self._read_stored(model, info, rows)
+        key = (model.source.label, info.file, info.name, rows)
+        if key not in found:
+            found[key] = self._read_stored(model, info, rows)
+        return found[key]
+
+    def _read_stored(self, model: ModelInfo, info: TensorInfo, rows: Rows) -> torch.Tensor:
         name = info.name
         if model.weight_format == "memory":
             tensor = model.source.tensors[name]  # type: ignore[attr-defined]
@@ -127,6 +169,8 @@ class TensorReader:
         """Advise the kernel to read tensor `name` of `model` (or its `rows`) ahead, for a
         safetensors file; best effort (a failure here is the read's to report)."""
         info = model.tensors.get(name)
+        if info is not None and info.fold is not None and not info.fold.base_in_adapter:
+            info = None if info.fold.replace else info.fold.base
         if info is None or info.packed is not None or model.weight_format != "safetensors":
             return
         try:

@@ -42,7 +42,7 @@ def build_plan(
 ) -> MergePlan:
     """Resolve every model (from files by default, else with `resolve`), read configs and
     headers, and plan each output tensor."""
-    inputs = read_inputs(recipe, resolve or file_resolver(recipe_dir))
+    inputs = read_inputs(recipe, resolve or file_resolver(recipe_dir, recipe.base_model))
     ctx, template_text, problems = settle(inputs)
     if problems:
         raise RecipeError(problems)

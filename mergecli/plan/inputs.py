@@ -10,12 +10,12 @@ from typing import Any
 
 from mergecli import methods
 from mergecli.errors import IncompatibleModelError, MergecliError, Problem, RecipeError
-from mergecli.io.checkpoint import ModelInfo, load_model_info
+from mergecli.io.checkpoint import ModelInfo
 from mergecli.io.dequant import dequantized_view
 from mergecli.io.jsonfile import read_json
-from mergecli.io.source import resolve_source
 from mergecli.methods.spec import MethodSpec
 from mergecli.model.layers import layer_counts, layer_rests, main_stack
+from mergecli.plan.adapters import model_resolver
 from mergecli.recipe.parts import first_model, parts
 from mergecli.recipe.refs import raw_model_places, recipe_place, referenced_models
 from mergecli.recipe.schema import ModelRef, Recipe
@@ -59,10 +59,11 @@ class Inputs:
 Resolver = Callable[[ModelRef], ModelInfo]
 
 
-def file_resolver(recipe_dir: Path | None) -> Resolver:
+def file_resolver(recipe_dir: Path | None, base: ModelRef | None = None) -> Resolver:
     """Models from local folders or the Hub (relative paths: working directory, then
-    `recipe_dir`): configs, indexes and headers only."""
-    return lambda ref: load_model_info(resolve_source(ref, recipe_dir))
+    `recipe_dir`), LoRA adapters folded into their base (`base`: the recipe's base_model,
+    which an adapter named alone is folded into): configs, indexes and headers only."""
+    return model_resolver(recipe_dir, base)
 
 
 def read_inputs(recipe: Recipe, resolve: Resolver) -> Inputs:
@@ -210,9 +211,11 @@ def depth_of(model: ModelInfo, stack: str | None) -> int:
 
 def model_problems(data: Any, recipe_dir: Path | None) -> list[Problem]:
     """A problem for each model of raw recipe data that cannot be read (each model once)."""
-    resolve = file_resolver(recipe_dir)
+    places = raw_model_places(data)
+    base = next((ref for where, ref in places if where == "base_model"), None)
+    resolve = file_resolver(recipe_dir, base)
     problems, seen = [], set()
-    for where, ref in raw_model_places(data):
+    for where, ref in places:
         if ref in seen:
             continue
         seen.add(ref)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from mergecli.io.checkpoint import ModelInfo
+from mergecli.io.checkpoint import ModelInfo, stored_parts
 from mergecli.io.dtypes import ITEMSIZE
 from mergecli.methods.spec import MethodSpec
 from mergecli.recipe.schema import ModelRef, Recipe
@@ -83,10 +83,13 @@ class MergePlan:
 
     @property
     def read_bytes(self) -> int:
-        """Bytes of distinct input tensor data read."""
-        seen = {
-            (ref.model, ref.name)
+        """Bytes of distinct stored tensor data read (a base under several adapters once)."""
+        seen = dict(
+            part
             for t in self.tensors
             for ref in (*t.inputs, *([t.base] if t.base else []))
-        }
-        return sum(self.models[m].tensors[n].nbytes for m, n in seen)
+            for part in stored_parts(
+                self.models[ref.model], self.models[ref.model].tensors[ref.name]
+            )
+        )
+        return sum(seen.values())

@@ -13,7 +13,7 @@ from mergecli import methods
 from mergecli.errors import Problem
 from mergecli.methods.spec import MethodSpec
 from mergecli.recipe.parts import base_joins, parts
-from mergecli.recipe.refs import dicts, model_refs, raw_parts
+from mergecli.recipe.refs import dicts, raw_parts
 from mergecli.recipe.schema import InputModel, InputSlice, ModelRef, OutputSlice, Recipe
 from mergecli.recipe.settings import Parameters, leaf_values
 from mergecli.recipe.suggest import closest
@@ -53,14 +53,6 @@ def _unknown_method(name: str) -> Problem:
 
 
 def _check_unsupported(recipe: Recipe) -> Iterator[Problem]:
-    for where, ref in model_refs(recipe):
-        if ref.adapter:
-            yield Problem(
-                where,
-                f"LoRA adapters (`{ref}`) are not supported yet",
-                "merge the adapter into its model first (PEFT `merge_and_unload`) and "
-                "reference the merged folder",
-            )
     for part in parts(recipe):
         for i, out_slice in enumerate(part.slices or []):
             if out_slice.residual_weight is not None:

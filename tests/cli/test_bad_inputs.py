@@ -144,10 +144,6 @@ def test_no_weights_and_no_config(
             "merge_method: Input should be a valid string (found 12)",
         ),
         (
-            "merge_method: linear\nmodels:\n  - model: a/b+lora/x\n    parameters: {weight: 1}\n",
-            "LoRA adapters (`a/b+lora/x`) are not supported yet",
-        ),
-        (
             "merge_method: ties\nmodels:\n  - model: a/b\n    parameters: {weight: 1, density: 1.5}\n",
             "models[0].parameters.density: 1.5 is out of range; allowed: a number in [0.0, 1.0]",
         ),
