@@ -1,6 +1,9 @@
 """The I/O floor of a merge: read every input tensor once, write one model's bytes.
 
-python benchmarks/io_floor.py OUT_FILE MODEL_DIR [MODEL_DIR ...]
+python benchmarks/io_floor.py OUT_FILE MODEL_DIR [MODEL_DIR ...] [--extra ADAPTER_DIR ...]
+
+Folders after `--extra` (LoRA adapters) have every tensor of their `.safetensors` files
+read once too; nothing of theirs is written.
 """
 
 from __future__ import annotations
@@ -22,7 +25,15 @@ def weight_map(folder: Path) -> dict[str, str]:
 
 def main() -> None:
     """Stream: for each tensor, read it from every model; write the first model's copy."""
-    out, folders = Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]]
+    args = sys.argv[2:]
+    extra = args[args.index("--extra") + 1 :] if "--extra" in args else []
+    args = args[: args.index("--extra")] if "--extra" in args else args
+    out, folders = Path(sys.argv[1]), [Path(p) for p in args]
+    for folder in map(Path, extra):
+        for file in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(file), "pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 (safe_open has no iteration)
+                    handle.get_tensor(name)
     maps = [weight_map(f) for f in folders]
     handles = [
         {file: safe_open(str(f / file), "pt") for file in set(m.values())}

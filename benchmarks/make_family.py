@@ -12,6 +12,11 @@ noise and the larger entries. `--sparsity S` leaves a fraction S of the entries 
 Generated one shard at a time (every tensor from its own seed), so a family larger than
 RAM is written without ever holding a model in memory.
 
+`--adapters N` also writes N PEFT LoRA adapters of the base (`lora1`, ...): rank `--rank`
+(64) on every attention and MLP matrix, alpha 2 * rank, bf16, as PEFT's `save_pretrained`
+lays them out (`adapter_config.json`, `adapter_model.safetensors`). `--only-adapters` adds
+them to a family already written.
+
 Sizes: tiny (hidden 64), 0.5b (Qwen2-0.5B shapes, untied head: 630 M parameters, 1.26 GB
 in bf16), 1.5b (Qwen2-1.5B shapes), 3b (Qwen2.5-3B shapes, tied head: 3.09 B parameters,
 6.2 GB in bf16).
@@ -130,6 +135,43 @@ def save_sharded(
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def save_adapter(
+    folder: Path, base: Path, layout: dict[str, tuple[int, ...]], k: int, rank: int
+) -> None:
+    """A trained-looking rank-`rank` LoRA adapter of `base` on every attention and MLP
+    matrix: A like PEFT's Kaiming start, B as training leaves it (small, dense)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, shape in layout.items():
+        module = name.removesuffix(".weight")
+        if not name.endswith(".weight") or module.rsplit(".", 1)[-1] not in LORA_TARGETS:
+            continue
+        gen = _generator(name, 100 + k)
+        prefix = f"base_model.model.{module}"
+        a = torch.randn(rank, shape[1], generator=gen) / shape[1] ** 0.5
+        b = torch.randn(shape[0], rank, generator=gen) * 0.001
+        tensors[f"{prefix}.lora_A.weight"] = a.to(torch.bfloat16)
+        tensors[f"{prefix}.lora_B.weight"] = b.to(torch.bfloat16)
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "base_model_name_or_path": str(base),
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": list(LORA_TARGETS),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
 def main() -> None:
     """Write base and fine-tunes."""
     parser = argparse.ArgumentParser(
@@ -145,8 +187,16 @@ def main() -> None:
         default=0.0,
         help="fraction of entries a fine-tune leaves unchanged",
     )
+    parser.add_argument("--adapters", type=int, default=0, help="LoRA adapters of the base")
+    parser.add_argument("--rank", type=int, default=64, help="the adapters' LoRA rank")
+    parser.add_argument("--only-adapters", action="store_true", help="add adapters only")
     args = parser.parse_args()
     config, layout = shapes(args.size)
+    for k in range(1, args.adapters + 1):
+        save_adapter(args.out / f"lora{k}", (args.out / "base").resolve(), layout, k, args.rank)
+        print(f"wrote {args.out / f'lora{k}'}")
+    if args.only_adapters:
+        return
     save_sharded(args.out / "base", config, layout, base_tensor, args.shards)
     for k in range(1, args.fine_tunes + 1):
 

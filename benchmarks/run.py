@@ -27,10 +27,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # issue #14's targets, in multiples of the I/O floor; every other method: 5x
-TARGET = {"linear": 1.3, "passthrough": 1.3, "task_arithmetic": 2.5, "ties": 2.5,
+TARGET = {"linear": 1.3, "passthrough": 1.3, "lora_fold": 1.3, "task_arithmetic": 2.5, "ties": 2.5,
           "dare_ties": 2.5, "breadcrumbs_ties": 2.5, "slerp": 2.5}  # fmt: skip
 BLOCKED = {"linear", "passthrough", "task_arithmetic", "ties", "dare_ties", "dare_linear",
-           "breadcrumbs", "breadcrumbs_ties", "slerp"}  # fmt: skip
+           "breadcrumbs", "breadcrumbs_ties", "slerp", "lora_fold", "lora_ties"}  # fmt: skip
 PEAK = 2.5e9  # every method
 BLOCKED_PEAK = 0.8e9
 NO_BASE = {"linear", "karcher"}
@@ -87,6 +87,11 @@ def recipes(family: Path) -> dict[str, str]:
         "nearswap": f"merge_method: nearswap\nparameters: {{t: 0.001}}\n{head}{one}",
         "ram": f"merge_method: ram\n{head}{plain}",
         "ramplus_tl": f"merge_method: ramplus_tl\n{head}{plain}",
+        # issue #15: one rank-64 adapter folded; ties of three adapters folded into the base
+        "lora_fold": f"merge_method: linear\nmodels:\n  - model: {base}+{family / 'lora1'}\n"
+        "    parameters: {weight: 1}\n",
+        "lora_ties": f"merge_method: ties\nparameters: {{normalize: true}}\n{head}"
+        + wd.replace(str(family / "ft"), f"{base}+{family / 'lora'}"),
     }
 
 
@@ -97,6 +102,10 @@ def inputs_of(method: str, family: Path) -> list[Path]:
         return ft[:2]
     if method in ("arcee_fusion", "nearswap"):
         return [family / "base", ft[0]]
+    if method == "lora_fold":
+        return [family / "base", Path("--extra"), family / "lora1"]
+    if method == "lora_ties":
+        return [family / "base", Path("--extra"), *(family / f"lora{i}" for i in (1, 2, 3))]
     return ft if method in NO_BASE else [family / "base", *ft]
 
 

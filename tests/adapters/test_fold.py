@@ -11,7 +11,7 @@ from peft_adapters import GPT2, LLAMA, lora_family, merged_reference
 from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
-from conftest import invoke, write
+from conftest import hub_cache_model, invoke, write
 from mergecli.cli._common import plan_recipe
 from mergecli.engine.run import run_plan
 from mergecli.io.reader import TensorReader
@@ -295,3 +295,20 @@ def test_validate_and_plan_show_what_each_adapter_folds(
     )
     # the base once, plus each adapter's tensors (less their headers)
     assert plain < data["bytes_to_read"] < plain + adapters
+
+
+def test_hub_base_and_adapter_at_pinned_revisions(
+    lora_family: dict[str, Path], runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    hub_cache_model(cache, "org/base", lora_family["base"], "a" * 40)
+    hub_cache_model(cache, "org/lora", lora_family["plain"], "b" * 40, refs=("v1",))
+    recipe = write(tmp_path / "r.yaml", one_model(f"org/base@main+org/lora@v1"))
+    code, _, err = invoke(runner, "run", str(recipe), "-o", str(tmp_path / "out"))
+    assert code == 0, err
+    expected = merged_reference(lora_family["base"], lora_family["plain"]).state_dict()
+    for key, tensor in output_tensors(tmp_path / "out").items():
+        torch.testing.assert_close(tensor, expected[key], rtol=1e-6, atol=1e-6)
+    code, _, err = invoke(runner, "validate", str(write(tmp_path / "r2.yaml", one_model("org/base+org/lora"))))
+    assert code == 3 and "org/lora: not in the local cache" in " ".join(err.split())
