@@ -12,6 +12,7 @@ import typer
 from mergecli import __version__
 from mergecli.cli import recipes_cmd
 from mergecli.cli._errors import State, guard
+from mergecli.cli.extract_cmd import extract_lora
 from mergecli.cli.methods_cmd import methods_cmd
 from mergecli.cli.plan_cmd import plan
 from mergecli.cli.run import run
@@ -51,6 +52,7 @@ app.command("run")(run)
 app.command("validate")(validate)
 app.command("plan")(plan)
 app.command("methods")(methods_cmd)
+app.command("extract-lora")(extract_lora)
 app.add_typer(recipes_cmd.app, name="recipes")
 guard(app)
 

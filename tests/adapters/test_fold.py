@@ -304,11 +304,13 @@ def test_hub_base_and_adapter_at_pinned_revisions(
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     hub_cache_model(cache, "org/base", lora_family["base"], "a" * 40)
     hub_cache_model(cache, "org/lora", lora_family["plain"], "b" * 40, refs=("v1",))
-    recipe = write(tmp_path / "r.yaml", one_model(f"org/base@main+org/lora@v1"))
+    recipe = write(tmp_path / "r.yaml", one_model("org/base@main+org/lora@v1"))
     code, _, err = invoke(runner, "run", str(recipe), "-o", str(tmp_path / "out"))
     assert code == 0, err
     expected = merged_reference(lora_family["base"], lora_family["plain"]).state_dict()
     for key, tensor in output_tensors(tmp_path / "out").items():
         torch.testing.assert_close(tensor, expected[key], rtol=1e-6, atol=1e-6)
-    code, _, err = invoke(runner, "validate", str(write(tmp_path / "r2.yaml", one_model("org/base+org/lora"))))
+    code, _, err = invoke(
+        runner, "validate", str(write(tmp_path / "r2.yaml", one_model("org/base+org/lora")))
+    )
     assert code == 3 and "org/lora: not in the local cache" in " ".join(err.split())
