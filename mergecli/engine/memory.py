@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -9,6 +10,7 @@ from mergecli.engine.blocks import BLOCK_ELEMENTS, row_blocks
 from mergecli.engine.inputs import input_refs, work_dtype
 from mergecli.engine.jobs import job_bytes, plan_jobs
 from mergecli.errors import UsageError
+from mergecli.io.reader import FOLDED_CACHE_BYTES, PART_CACHE_BYTES
 from mergecli.plan.types import MergePlan, TensorPlan
 
 PIPELINE_JOBS = 2
@@ -57,7 +59,25 @@ def predict_peak(plan: MergePlan, budget: Budget) -> int:
         pending.append(job.working_bytes)
         in_flight += job.working_bytes
         peak = max(peak, in_flight)
-    return RUNTIME_BYTES + peak + held_between_passes(plan, budget.block_elements)
+    return (
+        RUNTIME_BYTES + peak + held_between_passes(plan, budget.block_elements) + factor_cache(plan)
+    )
+
+
+def factor_cache(plan: MergePlan) -> int:
+    """Bytes the reader keeps for folding adapters: factors in float32 (`PART_CACHE_BYTES`
+    at most) and folded blocks for later passes (`FOLDED_CACHE_BYTES`)."""
+    parts = {
+        (f.adapter.label, n): f.adapter.tensors[n].shape
+        for m in plan.models
+        for t in m.tensors.values()
+        if (f := t.fold) is not None
+        for n in (f.a, f.b, f.magnitude)
+        if n is not None
+    }
+    if not parts:
+        return 0
+    return min(PART_CACHE_BYTES, sum(4 * math.prod(s) for s in parts.values())) + FOLDED_CACHE_BYTES
 
 
 INPUT_CACHE_BYTES = 96 << 20

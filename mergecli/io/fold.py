@@ -22,13 +22,16 @@ FOLD_ROWS = 256
 ReadPart = Callable[[ModelInfo | None, TensorInfo, Rows], torch.Tensor]
 
 
-def fold(found: Fold, rows: Rows, read: ReadPart) -> torch.Tensor:
+def fold(
+    found: Fold, rows: Rows, read: ReadPart, factor: Callable[[ModelInfo, TensorInfo], torch.Tensor]
+) -> torch.Tensor:
     """The tensor `found` describes (only `rows` when given); `read(model, info, rows)`
-    reads a stored tensor of `model` (None: the base model)."""
+    reads a stored tensor of `model` (None: the base model), `factor(model, info)` a small
+    adapter tensor in float32 (never changed here: it may be shared)."""
     adapter = found.adapter
 
     def part(name: str) -> torch.Tensor:
-        return read(adapter, adapter.tensors[name], None).to(torch.float32)
+        return factor(adapter, adapter.tensors[name])
 
     if found.replace is not None:
         return read(adapter, adapter.tensors[found.replace], rows)
@@ -54,20 +57,30 @@ def plus_delta(
 ) -> torch.Tensor:
     """`base + scale * (left @ right)[rows]` (`base` holds those rows), into a new tensor.
 
-    The product is computed in chunks of `FOLD_ROWS` rows counted from the tensor's first
-    row, each chunk whole, so a row's value never depends on which block asked for it (a
-    matrix product's rounding can depend on its shape): blocks fold byte-identical to the
-    whole tensor, and no whole delta is ever held."""
+    Computed by fused `addmm` over chunks of `FOLD_ROWS` rows counted from the tensor's
+    first row, each chunk whole (a chunk the block only partly covers gets zero rows
+    around it), so a row's value never depends on which block asked for it (a matrix
+    product's rounding can depend on its shape): blocks fold byte-identical to the whole
+    tensor, and no whole delta is ever held."""
     start, stop = rows or (0, left.shape[0])
     out = torch.empty_like(base)
     for at in range(start - start % FOLD_ROWS, stop, FOLD_ROWS):
-        chunk = (left[at : at + FOLD_ROWS] @ right) * scale
+        chunk = left[at : at + FOLD_ROWS]
         low, high = max(start, at), min(stop, at + chunk.shape[0])
-        torch.add(
-            base[low - start : high - start],
-            chunk[low - at : high - at],
-            out=out[low - start : high - start],
-        )
+        if low == at and high == at + chunk.shape[0]:
+            torch.addmm(
+                base[low - start : high - start],
+                chunk,
+                right,
+                alpha=scale,
+                out=out[low - start : high - start],
+            )
+            continue
+        padded = base.new_zeros(chunk.shape[0], base.shape[1])
+        padded[low - at : high - at] = base[low - start : high - start]
+        out[low - start : high - start] = torch.addmm(padded, chunk, right, alpha=scale)[
+            low - at : high - at
+        ]
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,8 @@ from mergecli.io.fold import fold
 from mergecli.io.header import Header, read_header
 
 Rows = tuple[int, int] | None
+PART_CACHE_BYTES = 64 << 20
+FOLDED_CACHE_BYTES = 96 << 20
 
 
 class _SafetensorsFile:
@@ -85,6 +88,11 @@ class TensorReader:
         self._bases = {
             m.source.label for m in models if any(t.fold for t in m.tensors.values())
         }  # sources that adapters fold into: their reads are shared within `sharing`
+        self._parts: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self._parts_bytes = 0
+        # folded blocks, for the next passes over the same tensor (returned as copies)
+        self._folded: OrderedDict[tuple[str, str, Rows], torch.Tensor] = OrderedDict()
+        self._folded_bytes = 0
 
     @contextmanager
     def sharing(self) -> Iterator[None]:
@@ -120,13 +128,53 @@ class TensorReader:
         """The tensor `name` of `model` (only rows [start, stop) when `rows` is given), as
         stored (no dtype conversion), or dequantized to float32 when stored packed."""
         info = model.tensors[name]
-        if info.fold is not None:
-            if not info.fold.base_in_adapter:
-                self._bases.add(model.source.label)
-            return fold(
-                info.fold, rows, lambda part, found, at: self._plain(part or model, found, at)
-            )
-        return self._plain(model, info, rows)
+        if info.fold is None:
+            return self._plain(model, info, rows)
+        if not info.fold.base_in_adapter:
+            self._bases.add(model.source.label)
+        key = (model.label, name, rows)
+        with self._lock:
+            kept = self._folded.get(key)
+        if kept is not None:
+            return kept.clone()
+        folded = fold(
+            info.fold,
+            rows,
+            lambda part, found, at: self._plain(part or model, found, at),
+            self._factor,
+        )
+        size = folded.numel() * folded.element_size()
+        if info.fold.replace is None and size <= FOLDED_CACHE_BYTES // 8:
+            with self._lock:
+                self._folded[key] = folded
+                self._folded_bytes += size
+                while self._folded_bytes > FOLDED_CACHE_BYTES:
+                    _, dropped = self._folded.popitem(last=False)
+                    self._folded_bytes -= dropped.numel() * dropped.element_size()
+            return folded.clone()
+        return folded
+
+    def _factor(self, model: ModelInfo, info: TensorInfo) -> torch.Tensor:
+        """An adapter tensor a fold reads (LoRA factors, magnitudes, biases) in float32; the
+        small ones are kept for the next blocks and passes (PART_CACHE_BYTES in all), so
+        callers must not change them."""
+        if info.nbytes > PART_CACHE_BYTES // 8:
+            return self._plain(model, info, None).to(torch.float32)
+        key = (model.source.label, info.name)
+        with self._lock:
+            found = self._parts.get(key)
+            if found is not None:
+                self._parts.move_to_end(key)
+                return found
+        found = self._plain(model, info, None).to(torch.float32)
+        with self._lock:
+            if key not in self._parts:
+                self._parts[key] = found
+                self._parts_bytes += found.numel() * 4
+            while self._parts_bytes > PART_CACHE_BYTES:
+                _, dropped = self._parts.popitem(last=False)
+                self._parts_bytes -= dropped.numel() * 4
+        return found
 
     def _plain(self, model: ModelInfo, info: TensorInfo, rows: Rows) -> torch.Tensor:
         if info.packed is not None:
