@@ -77,7 +77,8 @@ def factor_cache(plan: MergePlan) -> int:
     }
     if not parts:
         return 0
-    return min(PART_CACHE_BYTES, sum(4 * math.prod(s) for s in parts.values())) + FOLDED_CACHE_BYTES
+    passes = FOLDED_CACHE_BYTES if plan.method.needs_facts else 0
+    return min(PART_CACHE_BYTES, sum(4 * math.prod(s) for s in parts.values())) + passes
 
 
 INPUT_CACHE_BYTES = 96 << 20

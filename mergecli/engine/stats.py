@@ -370,7 +370,8 @@ class StatsCache:
         return serial(fn, items) if self.pool is None else self.pool.map(fn, items)
 
     def _compute(self, tensor: TensorPlan) -> dict[tuple[int, int] | None, BlockStats]:
-        found = self._found(tensor)
+        with self.reader.keeping_folds(tensor.name):
+            found = self._found(tensor)
         derive = self.plan.method.derive
         if derive is None or not found:
             return found

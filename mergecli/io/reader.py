@@ -93,6 +93,7 @@ class TensorReader:
         # folded blocks, for the next passes over the same tensor (returned as copies)
         self._folded: OrderedDict[tuple[str, str, Rows], torch.Tensor] = OrderedDict()
         self._folded_bytes = 0
+        self._keeping: set[str] = set()
 
     @contextmanager
     def sharing(self) -> Iterator[None]:
@@ -134,9 +135,12 @@ class TensorReader:
             self._bases.add(model.source.label)
         key = (model.label, name, rows)
         with self._lock:
-            kept = self._folded.get(key)
+            keeping = name in self._keeping
+            kept = self._folded.get(key) if keeping else self._folded.pop(key, None)
+            if kept is not None and not keeping:
+                self._folded_bytes -= kept.numel() * kept.element_size()
         if kept is not None:
-            return kept.clone()
+            return kept.clone() if keeping else kept
         folded = fold(
             info.fold,
             rows,
@@ -144,7 +148,7 @@ class TensorReader:
             self._factor,
         )
         size = folded.numel() * folded.element_size()
-        if info.fold.replace is None and size <= FOLDED_CACHE_BYTES // 8:
+        if keeping and info.fold.replace is None and size <= FOLDED_CACHE_BYTES // 8:
             with self._lock:
                 self._folded[key] = folded
                 self._folded_bytes += size
@@ -153,6 +157,19 @@ class TensorReader:
                     self._folded_bytes -= dropped.numel() * dropped.element_size()
             return folded.clone()
         return folded
+
+    @contextmanager
+    def keeping_folds(self, name: str) -> Iterator[None]:
+        """While the statistics passes over tensor `name` run, its folded blocks are kept
+        (copies handed out), so later passes do not fold again; the merge pass then takes
+        each block (FOLDED_CACHE_BYTES in all; the oldest are dropped)."""
+        with self._lock:
+            self._keeping.add(name)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._keeping.discard(name)
 
     def _factor(self, model: ModelInfo, info: TensorInfo) -> torch.Tensor:
         """An adapter tensor a fold reads (LoRA factors, magnitudes, biases) in float32; the
