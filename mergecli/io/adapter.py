@@ -210,7 +210,7 @@ def fold_view(base: ModelInfo, adapter: Adapter, label: str) -> ModelInfo:
 
 _LORA_PARTS = re.compile(
     r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A"
-    r"|lora_embedding_B|lora_magnitude_vector(?:\.weight)?|base_layer\.weight)$"
+    r"|lora_embedding_B|lora_magnitude_vector(?:\.weight)?|base_layer\.weight|base_layer\.bias)$"
 )
 
 
@@ -235,6 +235,11 @@ def _folds(
     base: ModelInfo, adapter: Adapter, module: str, parts: dict[str, str]
 ) -> list[tuple[str, Fold]]:
     weights = adapter.weights
+    if "base_layer.bias" in parts:  # `bias: lora_only`/`all`: the trained bias, saved whole
+        rest = {k: v for k, v in parts.items() if k != "base_layer.bias"}
+        target = _base_name(base, adapter, f"{module}.bias")
+        found = (target, _replacement(base, adapter, target, parts["base_layer.bias"]))
+        return [found, *(_folds(base, adapter, module, rest) if rest else [])]
     if "full" in parts:
         target = _base_name(base, adapter, module)
         return [(target, _replacement(base, adapter, target, parts["full"]))]

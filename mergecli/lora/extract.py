@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -63,6 +63,11 @@ class Extracted:
     rows: list[Row] = field(default_factory=list)
     unchanged: int = 0
     conv1d: bool = False
+
+    @property
+    def biases(self) -> bool:
+        """Whether some LoRA module's bias is saved whole (PEFT's `bias: lora_only`)."""
+        return any(r.action == "lora" and r.note.startswith("bias") for r in self.rows)
 
     @property
     def targets(self) -> list[Row]:
@@ -196,9 +201,18 @@ def _one(
     if kind != "other" and weight in changed:
         shape = tuned.tensors[weight].shape
         wanted, why = _wanted(module, kind, options)
-        others = sorted(set(changed) - {weight})
+        bias = f"{module}.bias"
+        others = sorted(set(changed) - {weight, bias})
         if wanted and not others:
-            return _factored(module, kind, changed[weight], options, tuned, weights)
+            row = _factored(module, kind, changed[weight], options, tuned, weights)
+            if bias not in changed:
+                return row
+            stored = reader.read(tuned, bias)  # PEFT's `bias: lora_only`: saved whole
+            weights.add(
+                f"{PREFIX}{module}.base_layer.bias",
+                stored.to(options.dtype) if options.dtype else stored,
+            )
+            return replace(row, note="bias changed: saved whole")
         if not wanted:
             return Row(module, shape, "left out", note=f"changed; {why}")
     for name in names:  # the whole module, as PEFT's modules_to_save holds it
@@ -257,7 +271,7 @@ def adapter_config(
         or None,
         "fan_in_fan_out": report.conv1d,
         "lora_dropout": 0.0,
-        "bias": "none",
+        "bias": "lora_only" if report.biases else "none",
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,

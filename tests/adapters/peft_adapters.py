@@ -62,6 +62,13 @@ GPT2 = {
         "fan_in_fan_out": True,
         "lora_bias": True,
     },
+    "gpt2_trained_bias": {
+        "r": 2,
+        "lora_alpha": 4,
+        "target_modules": ["c_attn", "c_fc"],
+        "fan_in_fan_out": True,
+        "bias": "lora_only",
+    },
 }
 
 

@@ -166,6 +166,7 @@ def test_gpt2_conv1d_and_a_changed_bias(tmp_path: Path, runner) -> None:
             if name.endswith(("c_attn.weight", "c_fc.weight")):
                 param.add_(0.01 * torch.randn_like(param))
         model.transformer.h[1].mlp.c_fc.bias.add_(0.05)
+        model.transformer.h[1].ln_2.bias.add_(0.05)
     model.save_pretrained(tmp_path / "tuned")
     out = tmp_path / "lora"
     code, stdout, err = invoke(
@@ -182,9 +183,11 @@ def test_gpt2_conv1d_and_a_changed_bias(tmp_path: Path, runner) -> None:
     )
     assert code == 0, err
     report = {m["module"]: m for m in json.loads(stdout)["modules"]}
-    assert report["transformer.h.1.mlp.c_fc"]["action"] == "modules_to_save"
-    assert report["transformer.h.1.mlp.c_fc"]["note"] == "bias, weight changed"
-    assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    assert report["transformer.h.1.mlp.c_fc"]["action"] == "lora"
+    assert report["transformer.h.1.mlp.c_fc"]["note"] == "bias changed: saved whole"
+    assert report["transformer.h.1.ln_2"]["action"] == "modules_to_save"
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True and config["bias"] == "lora_only"
     merged = PeftModel.from_pretrained(
         GPT2LMHeadModel.from_pretrained(tmp_path / "base"), out
     ).merge_and_unload()
@@ -285,3 +288,36 @@ def test_models_that_do_not_pair_are_refused(
         err.split()
     )
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_mergecli_folds_its_extracted_adapter_as_peft_does(
+    family: dict[str, Path], tuned: Path, runner, tmp_path: Path
+) -> None:
+    out = tmp_path / "lora"
+    code, _, err = invoke(
+        runner,
+        "extract-lora",
+        str(tuned),
+        "--base",
+        str(family["base"]),
+        "-o",
+        str(out),
+        "--energy",
+        "0.8",
+        "--quiet",
+    )
+    assert code == 0, err
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {family['base']}+{out}\n    parameters: {{weight: 1}}\n"
+    )
+    code, _, err = invoke(runner, "run", str(recipe), "-o", str(tmp_path / "folded"))
+    assert code == 0, err
+    expected = (
+        PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(family["base"]), out)
+        .merge_and_unload()
+        .state_dict()
+    )
+    got = load_file(tmp_path / "folded" / "model.safetensors")
+    for key, tensor in got.items():
+        torch.testing.assert_close(tensor, expected[key], rtol=1e-6, atol=1e-6, msg=key)
