@@ -238,8 +238,8 @@ def _folds(
     if "base_layer.bias" in parts:  # `bias: lora_only`/`all`: the trained bias, saved whole
         rest = {k: v for k, v in parts.items() if k != "base_layer.bias"}
         target = _base_name(base, adapter, f"{module}.bias")
-        found = (target, _replacement(base, adapter, target, parts["base_layer.bias"]))
-        return [found, *(_folds(base, adapter, module, rest) if rest else [])]
+        whole = (target, _replacement(base, adapter, target, parts["base_layer.bias"]))
+        return [whole, *(_folds(base, adapter, module, rest) if rest else [])]
     if "full" in parts:
         target = _base_name(base, adapter, module)
         return [(target, _replacement(base, adapter, target, parts["full"]))]

@@ -10,6 +10,7 @@ transposed: `fan_in_fan_out`) or an `nn.Embedding`; without a known architecture
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -20,9 +21,9 @@ import torch
 from mergecli.errors import IncompatibleModelError, UsageError
 from mergecli.io.adapter import PREFIX
 from mergecli.io.checkpoint import ModelInfo
-from mergecli.io.dtypes import CODE_TO_TORCH
+from mergecli.io.dtypes import CODE_TO_TORCH, ITEMSIZE
 from mergecli.io.reader import TensorReader
-from mergecli.lora.factor import Solver, factor
+from mergecli.lora.factor import Factors, Matrix, RowMatrix, Solver, factor
 from mergecli.lora.write import AppendingSafetensors
 
 Kind = Literal["linear", "conv1d", "embedding", "other"]
@@ -145,8 +146,9 @@ def extract(
     try:
         for module, names in _modules(tuned):
             progress(module)
-            deltas = {n: _delta(reader, tuned, base, n) for n in names}
-            changed = {n: d for n, d in deltas.items() if bool(d.any())}
+            changed = {
+                n: _delta(reader, tuned, base, n) for n in names if _changed(reader, tuned, base, n)
+            }
             if not changed:
                 report.unchanged += 1
                 continue
@@ -167,10 +169,44 @@ def _modules(model: ModelInfo) -> Iterator[tuple[str, list[str]]]:
     yield from grouped.items()
 
 
-def _delta(reader: TensorReader, tuned: ModelInfo, base: ModelInfo, name: str) -> torch.Tensor:
-    return (
-        reader.read(tuned, name).to(torch.float32).sub_(reader.read(base, name).to(torch.float32))
-    )
+HELD_BYTES = 64 << 20  # a delta larger than this in float32 is read in row chunks
+CHUNK_BYTES = 16 << 20
+
+
+def _row_chunks(shape: tuple[int, ...], itemsize: int) -> Iterator[tuple[int, int] | None]:
+    if not shape or shape[0] == 0:
+        yield None
+        return
+    row = max(1, itemsize * (math.prod(shape) // shape[0]))
+    step = max(1, CHUNK_BYTES // row)
+    for start in range(0, shape[0], step):
+        yield (start, min(shape[0], start + step))
+
+
+def _changed(reader: TensorReader, tuned: ModelInfo, base: ModelInfo, name: str) -> bool:
+    """Whether `name` differs between the models, compared in row chunks as stored."""
+    info = tuned.tensors[name]
+    for rows in _row_chunks(info.shape, ITEMSIZE[info.dtype]):
+        mine = reader.read(tuned, name, rows)
+        theirs = reader.read(base, name, rows)
+        if mine.dtype != theirs.dtype or not torch.equal(mine, theirs):
+            return True
+    return False
+
+
+def _delta(reader: TensorReader, tuned: ModelInfo, base: ModelInfo, name: str) -> Matrix:
+    """TUNED - BASE in float32: in memory, or as row chunks read when needed when the
+    tensor is big and tall (an embedding, an LM head)."""
+    shape = tuned.tensors[name].shape
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        found = reader.read(tuned, name, (start, stop)).to(torch.float32)
+        return found.sub_(reader.read(base, name, (start, stop)).to(torch.float32))
+
+    if len(shape) == 2 and 4 * math.prod(shape) > HELD_BYTES and shape[0] >= shape[1]:
+        return RowMatrix((shape[0], shape[1]), rows)
+    whole = reader.read(tuned, name).to(torch.float32)
+    return whole.sub_(reader.read(base, name).to(torch.float32))
 
 
 def _wanted(module: str, kind: Kind, options: Options) -> tuple[bool, str]:
@@ -190,7 +226,7 @@ def _one(
     module: str,
     names: list[str],
     kind: Kind,
-    changed: dict[str, torch.Tensor],
+    changed: dict[str, Matrix],
     options: Options,
     tuned: ModelInfo,
     reader: TensorReader,
@@ -229,7 +265,7 @@ def _one(
 def _factored(
     module: str,
     kind: Kind,
-    delta: torch.Tensor,
+    delta: Matrix,
     options: Options,
     tuned: ModelInfo,
     weights: AppendingSafetensors,
@@ -237,8 +273,14 @@ def _factored(
     weight = f"{module}.weight"
     dtype = options.dtype or CODE_TO_TORCH[tuned.tensors[weight].dtype]
     # PEFT's update is B @ A in (out, in) layout; Conv1D and embeddings store its transpose
-    matrix = delta.T if kind in ("conv1d", "embedding") else delta
-    found = factor(matrix, options.rank, options.energy, options.solver)
+    transposed = kind in ("conv1d", "embedding")
+    if isinstance(delta, RowMatrix):  # factored as stored, then transposed
+        stored = factor(delta, options.rank, options.energy, options.solver)
+        found = Factors(stored.a.T, stored.b.T, stored.error) if transposed else stored
+    else:
+        found = factor(
+            delta.T if transposed else delta, options.rank, options.energy, options.solver
+        )
     if kind == "embedding":
         weights.add(f"{PREFIX}{module}.lora_embedding_A", found.a.to(dtype))
         weights.add(f"{PREFIX}{module}.lora_embedding_B", found.b.to(dtype))

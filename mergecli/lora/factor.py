@@ -12,6 +12,7 @@ the factors: `B = U sqrt(S)`, `A = sqrt(S) Vᵀ`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,6 +23,22 @@ OVERSAMPLE = 32
 POWER_ITERATIONS = 6
 EXACT_SIDE = 2048  # `auto` factors matrices whose smaller side is at most this exactly
 Solver = Literal["auto", "exact", "randomized"]
+
+
+@dataclass(frozen=True)
+class RowMatrix:
+    """A tall matrix read in row chunks (`read(start, stop)`, float32), for deltas too big
+    to hold (embeddings, LM heads); factored exactly."""
+
+    shape: tuple[int, int]
+    read: Callable[[int, int], torch.Tensor]
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        start, stop, _ = rows.indices(self.shape[0])
+        return self.read(start, stop)
+
+
+Matrix = torch.Tensor | RowMatrix
 
 
 @dataclass(frozen=True)
@@ -38,7 +55,7 @@ class Factors:
         return int(self.a.shape[0])
 
 
-def squared_norm(delta: torch.Tensor) -> float:
+def squared_norm(delta: Matrix) -> float:
     """`||delta||_F^2`, accumulated in float64 chunk by chunk."""
     total = 0.0
     for start in range(0, delta.shape[0], CHUNK_ROWS):
@@ -46,7 +63,7 @@ def squared_norm(delta: torch.Tensor) -> float:
     return total
 
 
-def gram(delta: torch.Tensor) -> torch.Tensor:
+def gram(delta: Matrix) -> torch.Tensor:
     """`DᵀD` in float64 for a tall `delta` (rows summed chunk by chunk)."""
     out = torch.zeros(delta.shape[1], delta.shape[1], dtype=torch.float64)
     for start in range(0, delta.shape[0], CHUNK_ROWS):
@@ -63,18 +80,22 @@ def energy_rank(values: torch.Tensor, total: float, energy: float) -> int:
 
 
 def factor(
-    delta: torch.Tensor,
+    delta: Matrix,
     rank: int | None = None,
     energy: float | None = None,
     solver: Solver = "auto",
 ) -> Factors:
-    """The best rank-`rank` pair of `delta` (2-D, float32), or the smallest pair keeping
-    `energy` of its squared singular values; an all-zero delta gives rank 0."""
+    """The best rank-`rank` pair of `delta` (2-D, float32; a tall `RowMatrix` is read in
+    chunks and factored exactly), or the smallest pair keeping `energy` of its squared
+    singular values; an all-zero delta gives rank 0."""
     tall = delta.shape[0] >= delta.shape[1]
-    matrix = delta if tall else delta.T
+    if isinstance(delta, RowMatrix):
+        assert tall, "a RowMatrix is tall"
+        solver = "exact"
+    matrix: Matrix = delta if isinstance(delta, RowMatrix) or tall else delta.T
     total = squared_norm(matrix)
     if total == 0.0:
-        return _empty(delta)
+        return _empty(tuple(delta.shape))
     side = matrix.shape[1]
     randomized = solver == "randomized" or (
         solver == "auto"
@@ -84,7 +105,9 @@ def factor(
         and rank * 8 < side
     )
     if randomized:
-        assert rank is not None, "a randomized factorization needs a rank"
+        assert rank is not None and isinstance(matrix, torch.Tensor), (
+            "randomized: a rank, in memory"
+        )
         basis, values = _randomized(matrix, min(rank, side))
     else:
         basis, values = _exact(matrix, total, rank, energy)
@@ -100,7 +123,7 @@ def factor(
 
 
 def _exact(
-    matrix: torch.Tensor, total: float, rank: int | None, energy: float | None
+    matrix: Matrix, total: float, rank: int | None, energy: float | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     values, vectors = torch.linalg.eigh(gram(matrix))
     values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
@@ -119,7 +142,7 @@ def _randomized(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     return v[:, :rank], sigma[:rank].square()
 
 
-def _times(matrix: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+def _times(matrix: Matrix, basis: torch.Tensor) -> torch.Tensor:
     """`matrix @ basis` in float64, chunk by chunk."""
     pieces = [
         matrix[start : start + CHUNK_ROWS].double() @ basis
@@ -128,5 +151,5 @@ def _times(matrix: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return torch.cat(pieces)
 
 
-def _empty(delta: torch.Tensor) -> Factors:
-    return Factors(delta.new_zeros(delta.shape[0], 0), delta.new_zeros(0, delta.shape[1]), 0.0)
+def _empty(shape: tuple[int, ...]) -> Factors:
+    return Factors(torch.zeros(shape[0], 0), torch.zeros(0, shape[1]), 0.0)

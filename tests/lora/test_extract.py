@@ -321,3 +321,44 @@ def test_mergecli_folds_its_extracted_adapter_as_peft_does(
     got = load_file(tmp_path / "folded" / "model.safetensors")
     for key, tensor in got.items():
         torch.testing.assert_close(tensor, expected[key], rtol=1e-6, atol=1e-6, msg=key)
+
+
+def test_big_deltas_are_factored_from_row_chunks_to_the_same_update(
+    family: dict[str, Path], tuned: Path, runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergecli.lora import extract
+    from mergecli.lora import factor as factor_module
+
+    def updates(folder: Path) -> dict[str, torch.Tensor]:
+        stored = load_file(folder / "adapter_model.safetensors")
+        return {
+            "embed": (
+                stored["base_model.model.model.embed_tokens.lora_embedding_B"]
+                @ stored["base_model.model.model.embed_tokens.lora_embedding_A"]
+            ).T,
+            "head": stored["base_model.model.lm_head.lora_B.weight"]
+            @ stored["base_model.model.lm_head.lora_A.weight"],
+        }
+
+    args = ["--base", str(family["base"]), "--rank", "3", "--embeddings", "--lm-head", "--quiet"]
+    assert invoke(runner, "extract-lora", str(tuned), "-o", str(tmp_path / "held"), *args)[0] == 0
+    monkeypatch.setattr(extract, "HELD_BYTES", 1000)  # the 32x32 embedding is 4 KB
+    monkeypatch.setattr(extract, "CHUNK_BYTES", 256)
+    monkeypatch.setattr(factor_module, "CHUNK_ROWS", 4)
+    reads: list[tuple[int, int] | None] = []
+    original = extract.TensorReader.read
+
+    def counting(self, model, name, rows=None):  # type: ignore[no-untyped-def]
+        if name == "model.embed_tokens.weight":
+            reads.append(rows)
+        return original(self, model, name, rows)
+
+    monkeypatch.setattr(extract.TensorReader, "read", counting)
+    assert (
+        invoke(runner, "extract-lora", str(tuned), "-o", str(tmp_path / "chunked"), *args)[0] == 0
+    )
+    # compared 2 rows (256 B) at a time, factored 4 rows at a time, never read whole
+    assert reads and None not in reads and {b - a for a, b in reads} == {2, 4}
+    held, chunked = updates(tmp_path / "held"), updates(tmp_path / "chunked")
+    for key in held:
+        torch.testing.assert_close(chunked[key], held[key], rtol=1e-5, atol=1e-6)
