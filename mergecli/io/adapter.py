@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mergecli.errors import CorruptFileError, IncompatibleModelError
-from mergecli.io.checkpoint import Fold, ModelInfo, TensorInfo, _from_safetensors_files, load_bin
+from mergecli.io.checkpoint import Fold, ModelInfo, TensorInfo, load_bin, safetensors_tensors
 from mergecli.io.dtypes import TORCH_TO_CODE
 from mergecli.io.jsonfile import read_json_object
 from mergecli.io.source import ModelSource
@@ -97,7 +97,7 @@ def read_adapter(source: ModelSource) -> Adapter:
     settings = _settings(source.label, config)
     files = set(source.files())
     if ADAPTER_SAFETENSORS in files:
-        tensors = _from_safetensors_files(source, [ADAPTER_SAFETENSORS])
+        tensors = safetensors_tensors(source, [ADAPTER_SAFETENSORS])
         fmt: Literal["safetensors", "bin"] = "safetensors"
     elif ADAPTER_BIN in files:
         tensors, fmt = _bin_tensors(source), "bin"

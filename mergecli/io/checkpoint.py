@@ -130,11 +130,11 @@ def load_model_info(source: ModelSource) -> ModelInfo:
         tensors = _from_safetensors_index(source)
         fmt: Literal["safetensors", "bin"] = "safetensors"
     elif SAFE_SINGLE in files:
-        tensors = _from_safetensors_files(source, [SAFE_SINGLE])
+        tensors = safetensors_tensors(source, [SAFE_SINGLE])
         fmt = "safetensors"
     elif any(f.endswith(".safetensors") and "/" not in f for f in files):
         names = sorted(f for f in files if f.endswith(".safetensors") and "/" not in f)
-        tensors = _from_safetensors_files(source, names)
+        tensors = safetensors_tensors(source, names)
         fmt = "safetensors"
     elif BIN_INDEX in files or BIN_SINGLE in files:
         tensors = _from_bin(source, files)
@@ -148,7 +148,9 @@ def load_model_info(source: ModelSource) -> ModelInfo:
     return ModelInfo(source.label, source, config, tensors, fmt)
 
 
-def _from_safetensors_files(source: ModelSource, names: list[str]) -> dict[str, TensorInfo]:
+def safetensors_tensors(source: ModelSource, names: list[str]) -> dict[str, TensorInfo]:
+    """Every tensor in the headers of the safetensors files `names` (in file order); a
+    name found in two files is a damaged checkpoint."""
     tensors: dict[str, TensorInfo] = {}
     for filename in names:
         header = source.header(filename)
@@ -191,7 +193,7 @@ def check_relative(label: str, where: str, filename: str) -> None:
 def _from_safetensors_index(source: ModelSource) -> dict[str, TensorInfo]:
     weight_map = weight_map_of(source, SAFE_INDEX)
     shards = sorted(set(weight_map.values()))
-    found = _from_safetensors_files(source, shards)
+    found = safetensors_tensors(source, shards)
     for name, filename in weight_map.items():
         info = found.get(name)
         if info is None or info.file != filename:
