@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -116,6 +117,17 @@ def hub_cache_model(
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     for ref in refs:
         (repo / "refs" / ref).write_text(commit)
+
+
+def assert_blocks_identical(plan: Any, text: str, tmp_path: Path) -> None:
+    """Run `plan` on whole tensors and in 100-entry row blocks: the files must be equal."""
+    from mergecli.engine.run import run_plan
+
+    whole = run_plan(plan, tmp_path / "whole", text, reproducible=True, block_elements=1 << 30)
+    blocks = run_plan(plan, tmp_path / "blocks", text, reproducible=True, block_elements=100)
+    assert whole.files == blocks.files
+    for name in whole.files:
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "blocks" / name).read_bytes()
 
 
 def read_json(path: Path) -> dict[str, object]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from peft_adapters import GPT2, LLAMA, lora_family, merged_reference
 from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
-from conftest import hub_cache_model, invoke, write
+from conftest import assert_blocks_identical, hub_cache_model, invoke, write
 from mergecli.cli._common import plan_recipe
 from mergecli.engine.run import run_plan
 from mergecli.io.reader import TensorReader
@@ -116,12 +117,7 @@ def test_blocks_fold_byte_identical_to_whole_tensors(
             for n in ("dora", "embedding", "dora_embedding", "modules_to_save")
         )
     )
-    plan = plan_recipe(write(tmp_path / "r.yaml", text))
-    whole = run_plan(plan, tmp_path / "whole", text, reproducible=True, block_elements=1 << 30)
-    blocks = run_plan(plan, tmp_path / "blocks", text, reproducible=True, block_elements=100)
-    assert whole.files == blocks.files
-    for name in whole.files:
-        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "blocks" / name).read_bytes()
+    assert_blocks_identical(plan_recipe(write(tmp_path / "r.yaml", text)), text, tmp_path)
 
 
 def test_the_base_is_read_once_for_all_its_adapters(
@@ -155,6 +151,15 @@ def test_the_base_is_read_once_for_all_its_adapters(
         torch.testing.assert_close(got[key], mean, rtol=1e-6, atol=1e-6)
 
 
+def changed_copy(adapter: Path, out: Path, **settings: object) -> Path:
+    """A copy of `adapter` with `settings` changed in its adapter_config.json."""
+    out.mkdir()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**config, **settings}))
+    shutil.copyfile(adapter / "adapter_model.safetensors", out / "adapter_model.safetensors")
+    return out
+
+
 def _fails(runner, tmp_path: Path, text: str) -> tuple[int, str]:
     code, _, err = invoke(
         runner, "run", str(write(tmp_path / "r.yaml", text)), "-o", str(tmp_path / "out")
@@ -175,14 +180,7 @@ def test_other_peft_methods_are_refused_by_name(
 def test_an_unknown_adapter_setting_is_refused(
     lora_family: dict[str, Path], runner, tmp_path: Path
 ) -> None:
-    copy = tmp_path / "odd"
-    copy.mkdir()
-    config = json.loads((lora_family["plain"] / "adapter_config.json").read_text())
-    config["use_bdlora"] = {"blocks": 4}
-    (copy / "adapter_config.json").write_text(json.dumps(config))
-    (copy / "adapter_model.safetensors").write_bytes(
-        (lora_family["plain"] / "adapter_model.safetensors").read_bytes()
-    )
+    copy = changed_copy(lora_family["plain"], tmp_path / "odd", use_bdlora={"blocks": 4})
     code, err = _fails(runner, tmp_path, one_model(f"{lora_family['base']}+{copy}"))
     assert code == 4
     assert "adapter setting `use_bdlora: {'blocks': 4}` is not supported" in err
@@ -211,14 +209,7 @@ def test_a_base_the_adapter_was_not_trained_on_is_refused(
 def test_shapes_that_do_not_fit_are_refused_before_reading_weights(
     lora_family: dict[str, Path], runner, tmp_path: Path
 ) -> None:
-    copy = tmp_path / "nameless"
-    copy.mkdir()
-    config = json.loads((lora_family["plain"] / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = None
-    (copy / "adapter_config.json").write_text(json.dumps(config))
-    (copy / "adapter_model.safetensors").write_bytes(
-        (lora_family["plain"] / "adapter_model.safetensors").read_bytes()
-    )
+    copy = changed_copy(lora_family["plain"], tmp_path / "nameless", base_model_name_or_path=None)
     code, err = _fails(runner, tmp_path, one_model(f"{lora_family['wide']}+{copy}"))
     assert code == 4
     assert (

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import sparse_tune, write
+from conftest import assert_blocks_identical, sparse_tune, write
 from mergecli.cli._common import plan_recipe
 from mergecli.engine.blocks import row_blocks
 from mergecli.engine.run import run_plan
@@ -62,11 +62,7 @@ def test_blocks_are_byte_identical(
     plan = plan_recipe(recipe)
     embed = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
     assert row_blocks(plan, embed, 100) == [(i, min(32, i + 3)) for i in range(0, 32, 3)]
-    whole = run_plan(plan, tmp_path / "whole", text, reproducible=True, block_elements=1 << 30)
-    blocks = run_plan(plan, tmp_path / "blocks", text, reproducible=True, block_elements=100)
-    assert whole.files == blocks.files
-    for name in whole.files:
-        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "blocks" / name).read_bytes()
+    assert_blocks_identical(plan, text, tmp_path)
 
 
 def test_column_slerps_and_wide_tsv_matrices_are_not_blocked(

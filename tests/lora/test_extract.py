@@ -17,6 +17,11 @@ from mergecli.lora.factor import factor
 TOKENS = torch.tensor([[1, 5, 9, 3, 7, 2, 11, 4]])
 
 
+def extract_cli(runner, tuned: str, base: str, out: str, *args: str) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
+    """`mergecli extract-lora TUNED --base BASE -o OUT ARGS...`."""
+    return invoke(runner, "extract-lora", tuned, "--base", base, "-o", out, *args)
+
+
 def optimal_error(delta: torch.Tensor, rank: int) -> float:
     """Eckart-Young: the least relative error of any rank-`rank` approximation."""
     values = torch.linalg.svdvals(delta.double())
@@ -52,8 +57,7 @@ def test_rank_r_errors_are_the_optimal_ones_and_peft_loads_it(
     family: dict[str, Path], tuned: Path, runner, tmp_path: Path
 ) -> None:
     out = tmp_path / "lora"
-    code, stdout, err = invoke(
-        runner, "extract-lora", str(tuned), "--base", str(family["base"]), "-o", str(out), "--rank", "4", "--json",
+    code, stdout, err = extract_cli(runner, str(tuned), str(family["base"]), str(out), "--rank", "4", "--json",
         "--embeddings", "--lm-head",
     )  # fmt: skip
     assert code == 0, err
@@ -89,8 +93,7 @@ def test_full_rank_with_embeddings_and_head_reproduces_the_fine_tune(
     family: dict[str, Path], tuned: Path, runner, tmp_path: Path
 ) -> None:
     out = tmp_path / "lora"
-    code, _, err = invoke(
-        runner, "extract-lora", str(tuned), "--base", str(family["base"]), "-o", str(out),
+    code, _, err = extract_cli(runner, str(tuned), str(family["base"]), str(out),
         "--rank", "64", "--embeddings", "--lm-head", "--quiet",
     )  # fmt: skip
     assert code == 0, err
@@ -113,13 +116,10 @@ def test_energy_picks_the_smallest_rank_keeping_it(
     family: dict[str, Path], tuned: Path, runner, tmp_path: Path
 ) -> None:
     out = tmp_path / "lora"
-    code, stdout, err = invoke(
+    code, stdout, err = extract_cli(
         runner,
-        "extract-lora",
         str(tuned),
-        "--base",
         str(family["base"]),
-        "-o",
         str(out),
         "--energy",
         "0.9",
@@ -169,13 +169,10 @@ def test_gpt2_conv1d_and_a_changed_bias(tmp_path: Path, runner) -> None:
         model.transformer.h[1].ln_2.bias.add_(0.05)
     model.save_pretrained(tmp_path / "tuned")
     out = tmp_path / "lora"
-    code, stdout, err = invoke(
+    code, stdout, err = extract_cli(
         runner,
-        "extract-lora",
         str(tmp_path / "tuned"),
-        "--base",
         str(tmp_path / "base"),
-        "-o",
         str(out),
         "--rank",
         "3",
@@ -244,13 +241,10 @@ def test_bad_options(
     code: int,
     message: str,
 ) -> None:
-    found, _, err = invoke(
+    found, _, err = extract_cli(
         runner,
-        "extract-lora",
         str(tuned),
-        "--base",
         str(family["base"]),
-        "-o",
         str(tmp_path / "o"),
         *args,
     )
@@ -261,25 +255,19 @@ def test_bad_options(
 def test_models_that_do_not_pair_are_refused(
     family: dict[str, Path], runner, tmp_path: Path
 ) -> None:
-    code, _, err = invoke(
+    code, _, err = extract_cli(
         runner,
-        "extract-lora",
         str(family["wide"]),
-        "--base",
         str(family["base"]),
-        "-o",
         str(tmp_path / "o"),
         "--rank",
         "2",
     )
     assert code == 4 and "has shape [32, 48] in" in " ".join(err.split())
-    code, _, err = invoke(
+    code, _, err = extract_cli(
         runner,
-        "extract-lora",
         str(family["base"]),
-        "--base",
         str(family["base"]),
-        "-o",
         str(tmp_path / "o"),
         "--rank",
         "2",
@@ -294,13 +282,10 @@ def test_mergecli_folds_its_extracted_adapter_as_peft_does(
     family: dict[str, Path], tuned: Path, runner, tmp_path: Path
 ) -> None:
     out = tmp_path / "lora"
-    code, _, err = invoke(
+    code, _, err = extract_cli(
         runner,
-        "extract-lora",
         str(tuned),
-        "--base",
         str(family["base"]),
-        "-o",
         str(out),
         "--energy",
         "0.8",
