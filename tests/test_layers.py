@@ -20,6 +20,7 @@ LAYERS = [
     ("vocab",),
     ("plan",),
     ("output",),
+    ("lora",),
     ("engine",),
     ("api",),
     ("cli", "__main__"),

@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
@@ -91,6 +92,15 @@ def run(
         )
         return
     text = recipe.read_text(encoding="utf-8")
+    if plan.recipe.output is not None and plan.recipe.output.kind == "adapter":
+        written = _adapter_output(plan, out, text, overwrite or overwrite_any)
+        if as_json:
+            print(json.dumps({"output": str(out), "kind": "adapter", **written}, indent=2))
+        elif not quiet:
+            STDERR.print(
+                f"merged {written['modules']} modules into a rank-{written['rank']} adapter in {out}"
+            )
+        return
     show = not quiet and (progress or sys.stderr.isatty())
     options = RunOptions(
         overwrite or overwrite_any,
@@ -124,6 +134,39 @@ def run(
             f"merged {result.tensors} tensors ({format_size(result.bytes_written)}) "
             f"into {out} in {result.seconds:.1f} s"
         )
+
+
+def _adapter_output(
+    plan: MergePlan, out: Path, recipe_text: str, overwrite: bool
+) -> dict[str, Any]:
+    """Write the adapter an `output: {kind: adapter}` recipe makes, atomically."""
+    from mergecli.lora.merge_adapters import write_adapter_merge
+    from mergecli.output import folder as output
+    from mergecli.output.manifest import hash_files
+    from mergecli.output.side_files import write_json
+
+    output.check_output(out, overwrite, [])
+    work = output.start(out)
+    try:
+        config = write_adapter_merge(plan, work.path, plan.seed or 0)
+        (work.path / "mergecli_recipe.yaml").write_text(recipe_text, encoding="utf-8")
+        (work.path / "README.md").write_text(
+            f"---\nbase_model: {plan.recipe.base_model}\nlibrary_name: peft\ntags:\n- mergecli\n"
+            f"- lora\n- merge\n---\n\n# A LoRA adapter merged with mergecli\n\n"
+            f"PEFT combination `{plan.recipe.output.combination if plan.recipe.output else ''}` "
+            f"of {len(plan.recipe.models or [])} adapters of `{plan.recipe.base_model}`, rank "
+            f"{config['r']}.\n\n```yaml\n{recipe_text}```\n",
+            encoding="utf-8",
+        )
+        files = hash_files(work.path, {})
+        write_json(
+            work.path / output.MANIFEST, {"tool": "mergecli", "kind": "adapter", "outputs": files}
+        )
+        output.finish(work, out, overwrite)
+    except BaseException:
+        output.discard(work)
+        raise
+    return {"rank": config["r"], "modules": len(config["target_modules"])}
 
 
 def _notes(plan: MergePlan) -> None:

@@ -31,12 +31,93 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
     problems += [p for p in _check_parameter_blocks(blocks, spec) if p.where not in restated]
     problems += _check_inputs(recipe, spec)
     problems += _check_slices(recipe)
+    problems += _check_output(recipe)
     if recipe.post is not None and recipe.post.lines is not None and not spec.uses_base:
         problems.append(
             Problem(
                 "post.lines",
                 f"LiNeS scales task vectors, but method `{spec.name}` takes no base model",
                 "use a task-vector method (task_arithmetic, ties, dare_ties, ...) with a `base_model`",
+            )
+        )
+    return problems
+
+
+_PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+
+
+def _check_output(recipe: Recipe) -> list[Problem]:
+    """An adapter output needs adapters of one base (`base_model`, `models:`), and either a
+    PEFT combination (weighted as `task_arithmetic`) or the rank to factor a merge to."""
+    out = recipe.output
+    if out is None:
+        return []
+    if out.kind == "model":
+        extra = [
+            k for k in ("combination", "svd_rank", "rank", "density") if getattr(out, k) is not None
+        ]
+        return [
+            Problem(
+                f"output.{k}",
+                f"`{k}` applies to `kind: adapter` only",
+                "set `kind: adapter` or remove it",
+            )
+            for k in extra
+        ]
+    problems = []
+    if recipe.base_model is None or not recipe.models:
+        problems.append(
+            Problem(
+                "output.kind",
+                "an adapter output needs `base_model` and `models:` (adapters of that base)",
+                "list the adapters under `models:` and their base as `base_model`",
+            )
+        )
+    combination = out.combination
+    if (combination is None) == (out.rank is None):
+        problems.append(
+            Problem(
+                "output",
+                "give exactly one of `combination` (a PEFT combination type) and `rank` (factor the merged model to this rank)",
+                "e.g. `{kind: adapter, combination: ties_svd, svd_rank: 16, density: 0.5}` or `{kind: adapter, rank: 16}`",
+            )
+        )
+    if combination is not None and recipe.merge_method != "task_arithmetic":
+        problems.append(
+            Problem(
+                "merge_method",
+                f"with `output.combination`, PEFT's `{combination}` merges the adapters; `{recipe.merge_method}` would not be used",
+                "write `merge_method: task_arithmetic` (its per-model `weight` is PEFT's weights)",
+            )
+        )
+    if (
+        combination is not None
+        and combination.removesuffix("_svd") in _PRUNING
+        and out.density is None
+    ):
+        problems.append(
+            Problem(
+                "output.density",
+                f"combination `{combination}` needs a `density`",
+                "e.g. `density: 0.5`",
+            )
+        )
+    if out.svd_rank is not None and (combination is None or not combination.endswith("svd")):
+        problems.append(
+            Problem(
+                "output.svd_rank",
+                "`svd_rank` applies to the `*svd` combinations only",
+                "use `svd`, `ties_svd`, ...; or remove it",
+            )
+        )
+    if out.density is not None and (
+        combination is None or combination.removesuffix("_svd") not in _PRUNING
+    ):
+        problems.append(
+            Problem(
+                "output.density",
+                "`density` applies to ties, dare and magnitude_prune combinations only",
+                "remove it, or set per-model `density` for the method",
             )
         )
     return problems

@@ -198,6 +198,26 @@ class PostSteps(_Frozen):
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/+-]*$")
 
 
+class OutputSpec(_Frozen):
+    """What `run` writes (mergecli extension): a model (the default), or a PEFT LoRA adapter
+    of the recipe's base: with `combination`, the adapters merged as PEFT's
+    `add_weighted_adapter` does; without, the merged model's change from the base
+    factored to `rank`."""
+
+    kind: Literal["model", "adapter"] = "model"
+    combination: (
+        Literal[
+            "linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties",
+            "dare_linear_svd", "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd",
+        ]
+        | None
+    ) = None  # fmt: skip
+    svd_rank: int | None = Field(default=None, ge=1)
+    rank: int | None = Field(default=None, ge=1)
+    density: float | None = Field(default=None, ge=0, le=1)
+    majority_sign_method: Literal["total", "frequency"] = "total"
+
+
 class Recipe(_Frozen):
     """A whole merge recipe."""
 
@@ -219,6 +239,7 @@ class Recipe(_Frozen):
     tags: list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     tensor_names: Literal["all", "intersection", "union"] | None = None
+    output: OutputSpec | None = None
 
     @model_validator(mode="after")
     def _one_input_form(self) -> Recipe:
