@@ -20,8 +20,8 @@ LAYERS = [
     ("vocab",),
     ("plan",),
     ("output",),
-    ("lora",),
     ("engine",),
+    ("lora",),
     ("api",),
     ("cli", "__main__"),
 ]

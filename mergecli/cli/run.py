@@ -141,6 +141,7 @@ def _adapter_output(
 ) -> dict[str, Any]:
     """Write the adapter an `output: {kind: adapter}` recipe makes, atomically."""
     from mergecli.lora.merge_adapters import write_adapter_merge
+    from mergecli.lora.merge_dense import write_dense_adapter
     from mergecli.output import folder as output
     from mergecli.output.manifest import hash_files
     from mergecli.output.side_files import write_json
@@ -148,13 +149,17 @@ def _adapter_output(
     output.check_output(out, overwrite, [])
     work = output.start(out)
     try:
-        config = write_adapter_merge(plan, work.path, plan.seed or 0)
+        spec = plan.recipe.output
+        report: list[Any] = []
+        if spec is not None and spec.combination is None:
+            config, report = write_dense_adapter(plan, work.path)
+        else:
+            config = write_adapter_merge(plan, work.path, plan.seed or 0)
         (work.path / "mergecli_recipe.yaml").write_text(recipe_text, encoding="utf-8")
         (work.path / "README.md").write_text(
             f"---\nbase_model: {plan.recipe.base_model}\nlibrary_name: peft\ntags:\n- mergecli\n"
             f"- lora\n- merge\n---\n\n# A LoRA adapter merged with mergecli\n\n"
-            f"PEFT combination `{plan.recipe.output.combination if plan.recipe.output else ''}` "
-            f"of {len(plan.recipe.models or [])} adapters of `{plan.recipe.base_model}`, rank "
+            f"{_made_by(plan)} of {len(plan.recipe.models or [])} adapters of `{plan.recipe.base_model}`, rank "
             f"{config['r']}.\n\n```yaml\n{recipe_text}```\n",
             encoding="utf-8",
         )
@@ -166,7 +171,18 @@ def _adapter_output(
     except BaseException:
         output.discard(work)
         raise
-    return {"rank": config["r"], "modules": len(config["target_modules"])}
+    return {
+        "rank": config["r"],
+        "modules": len(config["target_modules"]),
+        "tensors": [{"tensor": r.name, "rank": r.rank, "relative_error": r.error} for r in report],
+    }
+
+
+def _made_by(plan: MergePlan) -> str:
+    spec = plan.recipe.output
+    if spec is not None and spec.combination is not None:
+        return f"PEFT combination `{spec.combination}`"
+    return f"`{plan.method.name}` merge, factored to rank {spec.rank if spec else ''} by truncated SVD,"
 
 
 def _notes(plan: MergePlan) -> None:

@@ -36,11 +36,13 @@ def compute_tensor(
     stats: BlockStats | None = None,
     device: torch.device | None = None,
     given: list[torch.Tensor] | None = None,
+    cast: bool = True,
 ) -> Computed:
     """Read the inputs of one output tensor (or of its `rows` for element-wise methods),
     merge them in float32/64 and cast to its dtype; also return the method's per-task masks
     when asked. With `device` the math runs there (inputs moved after reading). `given`:
-    the inputs already read (and checked) by the statistics pass."""
+    the inputs already read (and checked) by the statistics pass. Without `cast`, the
+    result stays in the work dtype (float32/64)."""
     out_dtype = CODE_TO_TORCH[tensor.dtype]
     if tensor.vocab_names is not None:
         return _compute_vocab(plan, tensor, reader, clamp)
@@ -69,8 +71,10 @@ def compute_tensor(
     if tensor.post_scale is not None and base is not None:
         result = base + tensor.post_scale * (result - base)
     masks = plan.method.masks(args) if with_masks and plan.method.masks and base is not None else []
-    cast, clamped = cast_checked(result, out_dtype, tensor.name, clamp)
-    return Computed(cast.cpu(), [m.cpu() for m in masks], clamped)
+    if not cast:  # the merged tensor in its work dtype (an adapter is factored from it)
+        return Computed(result.cpu(), [m.cpu() for m in masks])
+    final, clamped = cast_checked(result, out_dtype, tensor.name, clamp)
+    return Computed(final.cpu(), [m.cpu() for m in masks], clamped)
 
 
 def _compute_vocab(

@@ -2,8 +2,8 @@
 
     python recipes/models/make_tiny_adapters.py
 
-Writes `tiny-lora-chat` (rank 8 on every attention and MLP matrix) and `tiny-lora-code`
-(rank 4 rsLoRA on the attention matrices, DoRA) beside this file: real PEFT adapters of
+Writes `tiny-lora-chat` and `tiny-lora-math` (rank 8 on every attention and MLP matrix)
+and `tiny-lora-code` (rank 4 rsLoRA on the attention matrices, DoRA) beside this file: real PEFT adapters of
 `tiny-llama-base`, their weights seeded perturbations as training would leave them.
 """
 
@@ -24,6 +24,11 @@ ADAPTERS = {
         {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
                                                       "gate_proj", "up_proj", "down_proj"]},
     ),
+    "tiny-lora-math": (
+        3,
+        {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                      "gate_proj", "up_proj", "down_proj"]},
+    ),
     "tiny-lora-code": (
         2,
         {"r": 4, "lora_alpha": 8, "use_rslora": True, "use_dora": True,
@@ -33,8 +38,9 @@ ADAPTERS = {
 
 
 def main() -> None:
-    """Write both adapters; their config names the base as the recipes do."""
+    """Write the adapters; their config names the base as the recipes do."""
     for name, (seed, settings) in ADAPTERS.items():
+        torch.manual_seed(seed)  # PEFT draws A's start from the global generator
         base = LlamaForCausalLM.from_pretrained(HERE / "tiny-llama-base", torch_dtype=torch.float32)
         model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **settings))
         generator = torch.Generator().manual_seed(seed)

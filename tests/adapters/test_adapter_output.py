@@ -121,3 +121,31 @@ def test_adapter_output_errors(lora_family: dict[str, Path], runner, tmp_path: P
     assert code == 2 and "give exactly one of `combination`" in err
     code, err = fails(recipe(lora_family, ["tune0"], "{kind: adapter, combination: linear}").replace("merge_method: task_arithmetic", "merge_method: ties"))
     assert code == 2 and "write `merge_method: task_arithmetic`" in err
+
+
+def test_any_method_over_adapters_factored_back_to_rank_r(lora_family: dict[str, Path], runner, tmp_path: Path) -> None:
+    """TIES over three adapters, as an adapter: each tensor's update is the best rank-3
+    approximation of (the full TIES merge - base), and its reported error is that of
+    Eckart-Young."""
+    names = ["tune0", "tune1", "tune2"]
+    text = recipe(lora_family, names, "{kind: adapter, rank: 3}").replace(
+        "merge_method: task_arithmetic", "merge_method: ties\nparameters: {density: 0.5}"
+    )
+    code, out, err = invoke(runner, "run", str(write(tmp_path / "a.yaml", text)), "-o", str(tmp_path / "adapter"), "--json")
+    assert code == 0, err
+    report = {r["tensor"]: r for r in json.loads(out)["tensors"]}
+    full = text.replace("output: {kind: adapter, rank: 3}\n", "")
+    assert invoke(runner, "run", str(write(tmp_path / "f.yaml", full)), "-o", str(tmp_path / "full"))[0] == 0
+    merged, base = load_file(tmp_path / "full" / "model.safetensors"), load_file(lora_family["base"] / "model.safetensors")
+    adapter = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(lora_family["base"]), tmp_path / "adapter")
+    folded = adapter.merge_and_unload().state_dict()
+    changed = [n for n in merged if not torch.equal(merged[n], base[n])]
+    assert sorted(changed) == sorted(report)
+    for name in changed:
+        delta = (merged[name] - base[name]).double()
+        values = torch.linalg.svdvals(delta)
+        best = float(values[3:].square().sum().sqrt() / values.square().sum().sqrt())
+        assert report[name]["rank"] == 3
+        assert report[name]["relative_error"] == pytest.approx(best, rel=1e-4, abs=1e-7)
+        achieved = float((merged[name] - folded[name]).double().norm() / delta.norm())
+        assert achieved == pytest.approx(best, rel=1e-3, abs=1e-6)
