@@ -25,12 +25,18 @@ def recipe(family: dict[str, Path], names: list[str], output: str) -> str:
     return f"merge_method: task_arithmetic\nbase_model: {family['base']}\nmodels:\n{models}output: {output}\n"
 
 
-def peft_merged(family: dict[str, Path], names: list[str], **options: object) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def peft_merged(
+    family: dict[str, Path], names: list[str], **options: object
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """PEFT's merged adapter: module -> (A, B)."""
-    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(family["base"]), family[names[0]], adapter_name="m0")
+    model = PeftModel.from_pretrained(
+        LlamaForCausalLM.from_pretrained(family["base"]), family[names[0]], adapter_name="m0"
+    )
     for i, name in enumerate(names[1:], 1):
         model.load_adapter(family[name], adapter_name=f"m{i}")
-    model.add_weighted_adapter([f"m{i}" for i in range(len(names))], list(WEIGHTS[: len(names)]), "merged", **options)
+    model.add_weighted_adapter(
+        [f"m{i}" for i in range(len(names))], list(WEIGHTS[: len(names)]), "merged", **options
+    )
     state = {k: v for k, v in model.state_dict().items() if ".merged" in k}
     out = {}
     for key, a in state.items():
@@ -43,7 +49,10 @@ def peft_merged(family: dict[str, Path], names: list[str], **options: object) ->
 def ours(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     stored = load_file(folder / "adapter_model.safetensors")
     return {
-        k.removeprefix("base_model.model.").removesuffix(".lora_A.weight"): (v, stored[k.replace("lora_A", "lora_B")])
+        k.removeprefix("base_model.model.").removesuffix(".lora_A.weight"): (
+            v,
+            stored[k.replace("lora_A", "lora_B")],
+        )
         for k, v in stored.items()
         if k.endswith("lora_A.weight")
     }
@@ -54,20 +63,43 @@ CASES = [
     ("cat", "{kind: adapter, combination: cat}", {}),
     ("svd", "{kind: adapter, combination: svd, svd_rank: 6}", {"svd_rank": 6}),
     ("ties", "{kind: adapter, combination: ties, density: 0.5}", {"density": 0.5}),
-    ("ties", "{kind: adapter, combination: ties, density: 0.5, majority_sign_method: frequency}", {"density": 0.5, "majority_sign_method": "frequency"}),
+    (
+        "ties",
+        "{kind: adapter, combination: ties, density: 0.5, majority_sign_method: frequency}",
+        {"density": 0.5, "majority_sign_method": "frequency"},
+    ),
     ("ties_svd", "{kind: adapter, combination: ties_svd, density: 0.4}", {"density": 0.4}),
-    ("magnitude_prune", "{kind: adapter, combination: magnitude_prune, density: 0.3}", {"density": 0.3}),
-    ("magnitude_prune_svd", "{kind: adapter, combination: magnitude_prune_svd, density: 0.3, svd_rank: 3}", {"density": 0.3, "svd_rank": 3}),
+    (
+        "magnitude_prune",
+        "{kind: adapter, combination: magnitude_prune, density: 0.3}",
+        {"density": 0.3},
+    ),
+    (
+        "magnitude_prune_svd",
+        "{kind: adapter, combination: magnitude_prune_svd, density: 0.3, svd_rank: 3}",
+        {"density": 0.3, "svd_rank": 3},
+    ),
 ]
 
 
 @pytest.mark.parametrize(("combination", "output", "options"), CASES)
 def test_adapter_merges_equal_peft_add_weighted_adapter(
-    lora_family: dict[str, Path], runner, tmp_path: Path, combination: str, output: str, options: dict[str, object]
+    lora_family: dict[str, Path],
+    runner,
+    tmp_path: Path,
+    combination: str,
+    output: str,
+    options: dict[str, object],
 ) -> None:
     names = ["tune0", "tune1", "tune2"]
     out = tmp_path / "merged"
-    code, _, err = invoke(runner, "run", str(write(tmp_path / "r.yaml", recipe(lora_family, names, output))), "-o", str(out))
+    code, _, err = invoke(
+        runner,
+        "run",
+        str(write(tmp_path / "r.yaml", recipe(lora_family, names, output))),
+        "-o",
+        str(out),
+    )
     assert code == 0, err
     expected = peft_merged(lora_family, names, combination_type=combination, **options)
     got = ours(out)
@@ -84,7 +116,9 @@ def test_adapter_merges_equal_peft_add_weighted_adapter(
     assert merged is not None
 
 
-def test_dare_keeps_each_entry_as_a_subset_sum_at_the_density(lora_family: dict[str, Path], runner, tmp_path: Path) -> None:
+def test_dare_keeps_each_entry_as_a_subset_sum_at_the_density(
+    lora_family: dict[str, Path], runner, tmp_path: Path
+) -> None:
     """DARE's draws are seeded, not PEFT's: each merged entry must be a sum of a subset of
     the adapters' weighted entries divided by the density, kept at about that rate."""
     names = ["tune0", "tune1"]
@@ -107,11 +141,15 @@ def test_dare_keeps_each_entry_as_a_subset_sum_at_the_density(lora_family: dict[
 
 def test_adapter_output_errors(lora_family: dict[str, Path], runner, tmp_path: Path) -> None:
     def fails(text: str) -> tuple[int, str]:
-        code, _, err = invoke(runner, "run", str(write(tmp_path / "r.yaml", text)), "-o", str(tmp_path / "o"))
+        code, _, err = invoke(
+            runner, "run", str(write(tmp_path / "r.yaml", text)), "-o", str(tmp_path / "o")
+        )
         assert not (tmp_path / "o").exists()
         return code, " ".join(err.split())
 
-    code, err = fails(recipe(lora_family, ["tune0", "patterns"], "{kind: adapter, combination: linear}"))
+    code, err = fails(
+        recipe(lora_family, ["tune0", "patterns"], "{kind: adapter, combination: linear}")
+    )
     assert code == 4 and "the adapters must have one rank; found ranks [2, 4, 6]" in err
     code, err = fails(recipe(lora_family, ["tune0", "dora"], "{kind: adapter, combination: cat}"))
     assert code == 2 and "has DoRA, which PEFT's combinations do not merge" in err
@@ -119,11 +157,17 @@ def test_adapter_output_errors(lora_family: dict[str, Path], runner, tmp_path: P
     assert code == 2 and "output.density: combination `ties` needs a `density`" in err
     code, err = fails(recipe(lora_family, ["tune0"], "{kind: adapter}"))
     assert code == 2 and "give exactly one of `combination`" in err
-    code, err = fails(recipe(lora_family, ["tune0"], "{kind: adapter, combination: linear}").replace("merge_method: task_arithmetic", "merge_method: ties"))
+    code, err = fails(
+        recipe(lora_family, ["tune0"], "{kind: adapter, combination: linear}").replace(
+            "merge_method: task_arithmetic", "merge_method: ties"
+        )
+    )
     assert code == 2 and "write `merge_method: task_arithmetic`" in err
 
 
-def test_any_method_over_adapters_factored_back_to_rank_r(lora_family: dict[str, Path], runner, tmp_path: Path) -> None:
+def test_any_method_over_adapters_factored_back_to_rank_r(
+    lora_family: dict[str, Path], runner, tmp_path: Path
+) -> None:
     """TIES over three adapters, as an adapter: each tensor's update is the best rank-3
     approximation of (the full TIES merge - base), and its reported error is that of
     Eckart-Young."""
@@ -131,13 +175,30 @@ def test_any_method_over_adapters_factored_back_to_rank_r(lora_family: dict[str,
     text = recipe(lora_family, names, "{kind: adapter, rank: 3}").replace(
         "merge_method: task_arithmetic", "merge_method: ties\nparameters: {density: 0.5}"
     )
-    code, out, err = invoke(runner, "run", str(write(tmp_path / "a.yaml", text)), "-o", str(tmp_path / "adapter"), "--json")
+    code, out, err = invoke(
+        runner,
+        "run",
+        str(write(tmp_path / "a.yaml", text)),
+        "-o",
+        str(tmp_path / "adapter"),
+        "--json",
+    )
     assert code == 0, err
     report = {r["tensor"]: r for r in json.loads(out)["tensors"]}
     full = text.replace("output: {kind: adapter, rank: 3}\n", "")
-    assert invoke(runner, "run", str(write(tmp_path / "f.yaml", full)), "-o", str(tmp_path / "full"))[0] == 0
-    merged, base = load_file(tmp_path / "full" / "model.safetensors"), load_file(lora_family["base"] / "model.safetensors")
-    adapter = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(lora_family["base"]), tmp_path / "adapter")
+    assert (
+        invoke(runner, "run", str(write(tmp_path / "f.yaml", full)), "-o", str(tmp_path / "full"))[
+            0
+        ]
+        == 0
+    )
+    merged, base = (
+        load_file(tmp_path / "full" / "model.safetensors"),
+        load_file(lora_family["base"] / "model.safetensors"),
+    )
+    adapter = PeftModel.from_pretrained(
+        LlamaForCausalLM.from_pretrained(lora_family["base"]), tmp_path / "adapter"
+    )
     folded = adapter.merge_and_unload().state_dict()
     changed = [n for n in merged if not torch.equal(merged[n], base[n])]
     assert sorted(changed) == sorted(report)

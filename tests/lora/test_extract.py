@@ -347,3 +347,26 @@ def test_big_deltas_are_factored_from_row_chunks_to_the_same_update(
     held, chunked = updates(tmp_path / "held"), updates(tmp_path / "chunked")
     for key in held:
         torch.testing.assert_close(chunked[key], held[key], rtol=1e-5, atol=1e-6)
+
+
+def test_include_exclude_and_the_randomized_solver(
+    family: dict[str, Path], tuned: Path, runner, tmp_path: Path
+) -> None:
+    code, stdout, err = extract_cli(
+        runner, str(tuned), str(family["base"]), str(tmp_path / "o"), "--rank", "2",
+        "--include", r"self_attn", "--exclude", r"layers\.1\.", "--svd", "randomized", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    report = {m["module"]: m for m in json.loads(stdout)["modules"]}
+    lora = sorted(m for m, r in report.items() if r["action"] == "lora")
+    assert lora == sorted(
+        f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 2) for p in ("q", "k", "v", "o")
+    )
+    assert report["model.layers.1.self_attn.q_proj"]["note"] == "changed; matched by --exclude"
+    assert report["model.layers.0.mlp.up_proj"]["note"] == "changed; not matched by --include"
+    base, target = weights_of(family["base"]), weights_of(tuned)
+    for module in lora:
+        delta = target[f"{module}.weight"] - base[f"{module}.weight"]
+        assert report[module]["relative_error"] <= optimal_error(delta, 2) * 1.01
+    config = json.loads((tmp_path / "o" / "adapter_config.json").read_text())
+    assert config["target_modules"] == lora
