@@ -145,7 +145,7 @@ BASE = "merge_method: linear\nmodels:\n  - model: a/b\n    parameters: {weight: 
             BASE + "dtyp: bf16\n",
             "dtyp: unknown key `dtyp` in the top level; did you mean `dtype`?\n    hint: allowed keys: "
             "merge_method, base_model, models, slices, modules, parameters, dtype, out_dtype, "
-            "tokenizer_source, tokenizer, chat_template, post, name, description, license, tags, seed, tensor_names",
+            "tokenizer_source, tokenizer, chat_template, post, name, description, license, tags, seed, tensor_names, output",
         ),
         (
             "merge_method: linear\nmodels:\n  - model: a/b\n    parameters: {wieght: 1}\n",
