@@ -3,7 +3,6 @@ merged module by module into one PEFT LoRA adapter (`mergecli.lora.combine`)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,12 +11,12 @@ from typing import Any
 import torch
 
 from mergecli.errors import IncompatibleModelError, Problem, RecipeError
-from mergecli.io.adapter import ADAPTER_CONFIG, PREFIX
+from mergecli.io.adapter import PREFIX
 from mergecli.io.checkpoint import Fold, ModelInfo
 from mergecli.io.reader import TensorReader
 from mergecli.lora.combine import combined, factor_weights
 from mergecli.lora.factor import factor
-from mergecli.lora.write import AppendingSafetensors, write_config
+from mergecli.lora.write import AppendingSafetensors, merged_config, write_config
 from mergecli.plan.types import MergePlan
 from mergecli.recipe.schema import OutputSpec
 
@@ -194,24 +193,6 @@ def write_adapter_merge(plan: MergePlan, folder: Path, seed: int) -> dict[str, A
     finally:
         reader.close()
     weights.close()
-    config = _config(inputs, rank, targets)
+    config = merged_config([m for m, _ in inputs], rank, targets)
     write_config(folder, config)
     return config
-
-
-def _config(inputs: list[tuple[ModelInfo, float]], rank: int, targets: list[str]) -> dict[str, Any]:
-    """The first adapter's config with the new rank, alpha = rank (scale 1: the update is
-    exactly the combination), every changed module targeted, no rsLoRA or patterns."""
-    first = inputs[0][0]
-    fold = next(t.fold for t in first.tensors.values() if t.fold is not None)
-    assert fold is not None
-    config = json.loads(fold.adapter.source.local(ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    return {
-        **config,
-        "r": rank,
-        "lora_alpha": rank,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "use_rslora": False,
-        "target_modules": sorted(targets),
-    }

@@ -8,7 +8,6 @@ to bf16 would bury a small delta under the rounding of the weight it is added to
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,11 @@ from typing import Any
 import torch
 
 from mergecli.engine.compute import compute_tensor
-from mergecli.io.adapter import ADAPTER_CONFIG, PREFIX
+from mergecli.io.adapter import PREFIX
 from mergecli.io.checkpoint import Fold
 from mergecli.io.reader import TensorReader
 from mergecli.lora.factor import factor
-from mergecli.lora.write import AppendingSafetensors, write_config
+from mergecli.lora.write import AppendingSafetensors, merged_config, write_config
 from mergecli.plan.types import MergePlan, TensorPlan
 
 
@@ -80,23 +79,6 @@ def write_dense_adapter(plan: MergePlan, folder: Path) -> tuple[dict[str, Any], 
     finally:
         reader.close()
     weights.close()
-    config = _config(plan, spec.rank, targets, saved)
+    config = merged_config(plan.models, spec.rank, targets, saved)
     write_config(folder, config)
     return config, report
-
-
-def _config(plan: MergePlan, rank: int, targets: list[str], saved: list[str]) -> dict[str, Any]:
-    fold = next(t.fold for m in plan.models for t in m.tensors.values() if t.fold is not None)
-    assert fold is not None
-    config = json.loads(fold.adapter.source.local(ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    return {
-        **config,
-        "r": rank,
-        "lora_alpha": rank,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "use_rslora": False,
-        "use_dora": False,
-        "target_modules": sorted(targets),
-        "modules_to_save": sorted(set(saved)) or None,
-    }

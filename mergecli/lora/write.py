@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mergecli.io.adapter import ADAPTER_CONFIG
+from mergecli.io.checkpoint import ModelInfo
 from mergecli.io.dtypes import TORCH_TO_CODE
 
 
@@ -55,3 +58,28 @@ class AppendingSafetensors:
 def write_config(folder: Path, config: dict[str, Any]) -> None:
     """PEFT's `adapter_config.json`."""
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def merged_config(
+    models: Sequence[ModelInfo],
+    rank: int,
+    targets: list[str],
+    saved: list[str] = (),  # type: ignore[assignment]
+) -> dict[str, Any]:
+    """The config of an adapter merged from the adapters folded into `models`: the first
+    adapter's, with the new rank, alpha = rank (scale 1: the update is exactly what was
+    merged), the modules written targeted and `saved` in modules_to_save, no rsLoRA, DoRA
+    or per-module patterns."""
+    fold = next(t.fold for m in models for t in m.tensors.values() if t.fold is not None)
+    config = json.loads(fold.adapter.source.local(ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    return {
+        **config,
+        "r": rank,
+        "lora_alpha": rank,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_rslora": False,
+        "use_dora": False,
+        "target_modules": sorted(targets),
+        "modules_to_save": sorted(set(saved)) or None,
+    }
