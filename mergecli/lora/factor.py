@@ -1,9 +1,10 @@
 """A task vector factored into a rank-k LoRA pair: `delta ~= B @ A` with the least
 Frobenius error of any rank-k matrix (Eckart-Young: the top k singular directions).
 
-Exact: the eigen-decomposition of the smaller Gram matrix (`DᵀD` or `DDᵀ`, float64, built
-in row chunks so a tall embedding never exists in float64), which also gives the whole
-spectrum for `--energy`. Randomized (`torch.svd_lowrank` with oversampling and power
+Exact: the eigen-decomposition (float64) of the smaller Gram matrix (`DᵀD` or `DDᵀ`, built
+in row chunks, each chunk's product in float32 and their sum in float64), which also gives
+the whole spectrum for `--energy`; the kept energy and the error are then measured on
+`D V` in float64, so they are the factors' own. Randomized (`torch.svd_lowrank` with oversampling and power
 iterations) for large matrices at a fixed rank, where it is as accurate (checked against the
 exact error in tests/lora and benchmarks). Both split the singular values evenly between
 the factors: `B = U sqrt(S)`, `A = sqrt(S) Vᵀ`.
@@ -64,11 +65,12 @@ def squared_norm(delta: Matrix) -> float:
 
 
 def gram(delta: Matrix) -> torch.Tensor:
-    """`DᵀD` in float64 for a tall `delta` (rows summed chunk by chunk)."""
+    """`DᵀD` of a tall `delta`: each chunk of rows in float32, summed in float64. Only the
+    basis comes from it; errors and singular values are measured on `D V` in float64."""
     out = torch.zeros(delta.shape[1], delta.shape[1], dtype=torch.float64)
     for start in range(0, delta.shape[0], CHUNK_ROWS):
-        chunk = delta[start : start + CHUNK_ROWS].double()
-        out.addmm_(chunk.T, chunk)
+        chunk = delta[start : start + CHUNK_ROWS].float()
+        out += (chunk.T @ chunk).double()
     return out
 
 
@@ -112,10 +114,11 @@ def factor(
     else:
         basis, values = _exact(matrix, total, rank, energy)
     keep = int((values > total * 1e-14).sum())
-    basis, values = basis[:, :keep], values[:keep]
-    projected = _times(matrix, basis)  # [rows, k] = D V
+    basis = basis[:, :keep]
+    projected = _times(matrix, basis)  # [rows, k] = D V, float64
+    values = projected.square().sum(0)  # sigma^2, measured
     root = values.sqrt().sqrt()  # sqrt(sigma)
-    left, right = projected / root, (basis * root).T  # D ≈ left @ right
+    left, right = projected / root, (basis * root).T  # D ≈ left @ right = D V Vᵀ
     error = math.sqrt(max(total - float(values.sum()), 0.0) / total)
     if tall:
         return Factors(left.float(), right.float(), error)
