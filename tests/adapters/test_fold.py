@@ -305,3 +305,32 @@ def test_hub_base_and_adapter_at_pinned_revisions(
         runner, "validate", str(write(tmp_path / "r2.yaml", one_model("org/base+org/lora")))
     )
     assert code == 3 and "org/lora: not in the local cache" in " ".join(err.split())
+
+
+def test_damaged_adapter_folders_are_refused_as_files(
+    lora_family: dict[str, Path], runner, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text('{"peft_type": "LORA", "r": ')
+    shutil.copyfile(
+        lora_family["plain"] / "adapter_model.safetensors", broken / "adapter_model.safetensors"
+    )
+    code, err = _fails(runner, tmp_path, one_model(f"{lora_family['base']}+{broken}"))
+    assert code == 3 and "adapter_config.json" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copyfile(lora_family["plain"] / "adapter_config.json", empty / "adapter_config.json")
+    code, err = _fails(runner, tmp_path, one_model(f"{lora_family['base']}+{empty}"))
+    assert (
+        code == 3
+        and "has adapter_config.json but no adapter_model.safetensors or adapter_model.bin" in err
+    )
+    bad_rank = changed_copy(lora_family["plain"], tmp_path / "rank", r=3)
+    code, err = _fails(runner, tmp_path, one_model(f"{lora_family['base']}+{bad_rank}"))
+    assert code == 3 and "which do not form a rank-3 update" in err
+    truncated = changed_copy(lora_family["plain"], tmp_path / "short")
+    data = (truncated / "adapter_model.safetensors").read_bytes()
+    (truncated / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    code, err = _fails(runner, tmp_path, one_model(f"{lora_family['base']}+{truncated}"))
+    assert code == 3
