@@ -78,6 +78,37 @@ class _SafetensorsFile:
         return got
 
 
+class _ByteCache:
+    """Tensors by key, the oldest dropped once they hold more than `limit` bytes (callers
+    hold the reader's lock)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: OrderedDict[Any, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: Any) -> torch.Tensor | None:
+        found = self._items.get(key)
+        if found is not None:
+            self._items.move_to_end(key)
+        return found
+
+    def pop(self, key: Any) -> torch.Tensor | None:
+        found = self._items.pop(key, None)
+        if found is not None:
+            self._bytes -= found.numel() * found.element_size()
+        return found
+
+    def put(self, key: Any, tensor: torch.Tensor) -> None:
+        if key in self._items:
+            return
+        self._items[key] = tensor
+        self._bytes += tensor.numel() * tensor.element_size()
+        while self._bytes > self.limit:
+            _, dropped = self._items.popitem(last=False)
+            self._bytes -= dropped.numel() * dropped.element_size()
+
+
 class TensorReader:
     """Opens each input file once and hands out tensors by (model, name)."""
 
@@ -88,11 +119,9 @@ class TensorReader:
         self._bases = {
             m.source.label for m in models if any(t.fold for t in m.tensors.values())
         }  # sources that adapters fold into: their reads are shared within `sharing`
-        self._parts: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
-        self._parts_bytes = 0
+        self._parts = _ByteCache(PART_CACHE_BYTES)
         # folded blocks, for the next passes over the same tensor (returned as copies)
-        self._folded: OrderedDict[tuple[str, str, Rows], torch.Tensor] = OrderedDict()
-        self._folded_bytes = 0
+        self._folded = _ByteCache(FOLDED_CACHE_BYTES)
         self._keeping: set[str] = set()
 
     @contextmanager
@@ -136,9 +165,7 @@ class TensorReader:
         key = (model.label, name, rows)
         with self._lock:
             keeping = name in self._keeping
-            kept = self._folded.get(key) if keeping else self._folded.pop(key, None)
-            if kept is not None and not keeping:
-                self._folded_bytes -= kept.numel() * kept.element_size()
+            kept = self._folded.get(key) if keeping else self._folded.pop(key)
         if kept is not None:
             return kept.clone() if keeping else kept
         folded = fold(
@@ -150,11 +177,7 @@ class TensorReader:
         size = folded.numel() * folded.element_size()
         if keeping and info.fold.replace is None and size <= FOLDED_CACHE_BYTES // 8:
             with self._lock:
-                self._folded[key] = folded
-                self._folded_bytes += size
-                while self._folded_bytes > FOLDED_CACHE_BYTES:
-                    _, dropped = self._folded.popitem(last=False)
-                    self._folded_bytes -= dropped.numel() * dropped.element_size()
+                self._folded.put(key, folded)
             return folded.clone()
         return folded
 
@@ -180,17 +203,11 @@ class TensorReader:
         key = (model.source.label, info.name)
         with self._lock:
             found = self._parts.get(key)
-            if found is not None:
-                self._parts.move_to_end(key)
-                return found
+        if found is not None:
+            return found
         found = self._plain(model, info, None).to(torch.float32)
         with self._lock:
-            if key not in self._parts:
-                self._parts[key] = found
-                self._parts_bytes += found.numel() * 4
-            while self._parts_bytes > PART_CACHE_BYTES:
-                _, dropped = self._parts.popitem(last=False)
-                self._parts_bytes -= dropped.numel() * 4
+            self._parts.put(key, found)
         return found
 
     def _plain(self, model: ModelInfo, info: TensorInfo, rows: Rows) -> torch.Tensor:
